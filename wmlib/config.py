@@ -10,6 +10,16 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PRETRAINED_DIR = PROJECT_ROOT / "data" / "pretrained"
+SAMPLE_DIR = PROJECT_ROOT / "data" / "sample"
+
+
+def runs_dir() -> Path:
+    """Where runs are written: `WM_RUNS`, else `runs/` at the project root (gitignored)."""
+    return Path(os.environ.get("WM_RUNS", PROJECT_ROOT / "runs"))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,204 @@
+"""Episodes on disk: one compressed .npz per episode, a manifest per collection, mirroring, batches.
+
+An episode file holds, for T steps:
+  frames    (T, 64, 64, 3) uint8   the preprocessed observation seen before acting
+  actions   (T, 3) float32         (steer, gas, brake) taken at that frame
+  rewards   (T,) float32           reward received after the action
+  terminated, truncated            bool scalars: how the episode ended
+  policy, seed, mirrored           who drove, on which env seed, and whether left-right flipped
+Files are written atomically; a truncated or foreign file is reported by path when read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from wmlib.env import FRAME_SHAPE
+from wmlib.files import atomic_write, write_json
+
+EPISODE_FORMAT = 1
+MANIFEST = "manifest.json"
+
+
+class EpisodeError(ValueError):
+    """An episode file is missing, truncated, foreign, or inconsistent."""
+
+
+@dataclass
+class Episode:
+    frames: np.ndarray
+    actions: np.ndarray
+    rewards: np.ndarray
+    terminated: bool
+    truncated: bool
+    policy: str
+    seed: int
+    mirrored: bool = False
+    info: dict = field(default_factory=dict)  # optional per-step extras (e.g. car position), arrays of length T
+
+    def __post_init__(self):
+        T = len(self.frames)
+        if self.frames.shape[1:] != FRAME_SHAPE or self.frames.dtype != np.uint8:
+            raise EpisodeError(f"frames must be (T, 64, 64, 3) uint8, got {self.frames.shape} {self.frames.dtype}")
+        if self.actions.shape != (T, 3) or self.rewards.shape != (T,):
+            raise EpisodeError(f"actions must be ({T}, 3) and rewards ({T},), got {self.actions.shape} "
+                               f"and {self.rewards.shape}")
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    @property
+    def total_reward(self) -> float:
+        return float(self.rewards.sum())
+
+    @property
+    def dones(self) -> np.ndarray:
+        """(T,) float32: 1 at the last step of a terminated episode (the target of M's done head)."""
+        d = np.zeros(len(self), np.float32)
+        if self.terminated and len(self):
+            d[-1] = 1.0
+        return d
+
+    def summary(self) -> dict:
+        return {"policy": self.policy, "seed": self.seed, "steps": len(self), "return": self.total_reward,
+                "terminated": self.terminated, "mirrored": self.mirrored}
+
+
+def episode_name(policy: str, seed: int, mirrored: bool = False) -> str:
+    return f"{policy}_{seed:06d}{'_mirror' if mirrored else ''}.npz"
+
+
+def save_episode(path: str | os.PathLike, ep: Episode) -> Path:
+    """Atomically write one episode as a compressed .npz."""
+    arrays = {f"info_{k}": np.asarray(v) for k, v in ep.info.items()}
+    with atomic_write(path) as f:
+        np.savez_compressed(
+            f, format=np.int64(EPISODE_FORMAT), frames=ep.frames, actions=ep.actions.astype(np.float32),
+            rewards=ep.rewards.astype(np.float32), terminated=np.bool_(ep.terminated),
+            truncated=np.bool_(ep.truncated), policy=np.str_(ep.policy), seed=np.int64(ep.seed),
+            mirrored=np.bool_(ep.mirrored), **arrays)
+    return Path(path)
+
+
+def load_episode(path: str | os.PathLike) -> Episode:
+    """Read and validate an episode file; any defect is reported with the file's path."""
+    path = Path(path)
+    if not path.is_file():
+        raise EpisodeError(f"episode file {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "format" not in z.files or "frames" not in z.files:
+                raise EpisodeError(f"{path} is not a wmlib episode file (keys: {', '.join(z.files) or 'none'})")
+            if int(z["format"]) != EPISODE_FORMAT:
+                raise EpisodeError(f"{path} has episode format {int(z['format'])}, expected {EPISODE_FORMAT}")
+            return Episode(
+                frames=z["frames"], actions=z["actions"], rewards=z["rewards"],
+                terminated=bool(z["terminated"]), truncated=bool(z["truncated"]), policy=str(z["policy"]),
+                seed=int(z["seed"]), mirrored=bool(z["mirrored"]),
+                info={k[5:]: z[k] for k in z.files if k.startswith("info_")})
+    except EpisodeError:
+        raise
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as e:
+        raise EpisodeError(f"{path} is truncated or not a wmlib episode file ({type(e).__name__}: {e})") from None
+
+
+def mirror_episode(ep: Episode) -> Episode:
+    """The left-right mirror image: frames flipped horizontally and steering negated.
+
+    A track turning left becomes one turning right, which removes the left-turn bias of
+    CarRacing's counter-clockwise tracks. Gas, brake and rewards are unchanged.
+    """
+    actions = ep.actions.copy()
+    actions[:, 0] = -actions[:, 0]
+    return Episode(frames=np.ascontiguousarray(ep.frames[:, :, ::-1]), actions=actions, rewards=ep.rewards.copy(),
+                   terminated=ep.terminated, truncated=ep.truncated, policy=ep.policy, seed=ep.seed,
+                   mirrored=not ep.mirrored, info=dict(ep.info))
+
+
+# ---- collections ---------------------------------------------------------------------------------
+
+def episode_files(folder: str | os.PathLike, mirrored: bool | None = None) -> list[Path]:
+    """The episode files of a collection folder, sorted; `mirrored` filters by the file name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"collection folder {folder} does not exist")
+    files = sorted(p for p in folder.glob("*.npz") if not p.name.startswith("."))
+    if mirrored is not None:
+        files = [p for p in files if p.stem.endswith("_mirror") == mirrored]
+    return files
+
+
+def write_manifest(folder: str | os.PathLike) -> dict:
+    """(Re)write `manifest.json` from the episode files present: one entry per episode."""
+    folder = Path(folder)
+    entries = {}
+    old = read_manifest(folder)
+    for p in episode_files(folder):
+        if p.name in old and old[p.name].get("bytes") == p.stat().st_size:
+            entries[p.name] = old[p.name]
+        else:
+            entries[p.name] = {**load_episode(p).summary(), "bytes": p.stat().st_size}
+    manifest = {"format": EPISODE_FORMAT, "episodes": entries,
+                "frames": int(sum(e["steps"] for e in entries.values()))}
+    write_json(folder / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(folder: str | os.PathLike) -> dict:
+    """The manifest's episode entries by file name ({} when there is none yet)."""
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())["episodes"]
+    except (json.JSONDecodeError, KeyError):
+        raise EpisodeError(f"{path} is not a wmlib collection manifest") from None
+
+
+# ---- batches -------------------------------------------------------------------------------------
+
+class FrameSampler:
+    """Random frame batches from a collection with bounded memory.
+
+    Training is split into blocks of `block_batches` batches; each block draws its frames from
+    `buffer_episodes` episodes chosen at random for that block, so memory stays at about
+    buffer_episodes x 12 MB however large the collection is, and over many blocks every episode is
+    visited. With `mirror`, each frame is flipped left-right with probability 1/2 (the mirror
+    augmentation without stored copies). A batch depends only on (seed, index), so a resumed training
+    sees exactly the batches an uninterrupted one would.
+    """
+
+    def __init__(self, files: list[Path], batch_size: int, seed: int = 0, mirror: bool = False,
+                 buffer_episodes: int = 32, block_batches: int = 100):
+        if not files:
+            raise EpisodeError("no episodes to sample frames from (the collection is empty)")
+        self.files, self.batch_size, self.seed, self.mirror = list(files), batch_size, seed, mirror
+        self.buffer_episodes, self.block_batches = min(buffer_episodes, len(files)), block_batches
+        self._block, self._buffer = None, []
+
+    def _load_block(self, block: int) -> list[np.ndarray]:
+        if block != self._block:
+            self._buffer = []  # free the old block before loading the new one
+            rng = np.random.default_rng([self.seed, 1, block])
+            chosen = rng.permutation(len(self.files))[: self.buffer_episodes]
+            self._buffer = [load_episode(self.files[i]).frames for i in sorted(chosen)]
+            self._block = block
+        return self._buffer
+
+    def batch(self, index: int) -> np.ndarray:
+        """Batch number `index`: (batch_size, 64, 64, 3) uint8."""
+        buffer = self._load_block(index // self.block_batches)
+        rng = np.random.default_rng([self.seed, 2, index])
+        out = np.empty((self.batch_size, *FRAME_SHAPE), np.uint8)
+        for j, e in enumerate(rng.integers(len(buffer), size=self.batch_size)):
+            out[j] = buffer[e][rng.integers(len(buffer[e]))]
+        if self.mirror:
+            flip = rng.random(self.batch_size) < 0.5
+            out[flip] = out[flip, :, ::-1]
+        return out
