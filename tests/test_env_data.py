@@ -123,3 +123,47 @@ def test_frame_sampler_is_deterministic_bounded_and_mirrors(tmp_path):
     assert 10 < flipped < 54  # about half flipped
     with pytest.raises(data.EpisodeError, match="empty"):
         data.FrameSampler([], batch_size=2)
+
+
+def _fake_encode(frames):
+    """A stand-in V for data-plumbing tests: z = mean colour per channel, repeated."""
+    m = frames.reshape(len(frames), -1, 3).mean(axis=1) / 255.0
+    return np.tile(m, (1, 2)), np.zeros((len(frames), 6))
+
+
+def test_encode_collection_resumes_mirrors_and_checks_vae(tmp_path):
+    for s in (1, 2):
+        data.save_episode(tmp_path / data.episode_name("brownian", s), _episode(T=9, seed=s))
+    out = data.encode_collection(tmp_path, _fake_encode, "v1", mirror=True, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["brownian_000001.npz", "brownian_000001_mirror.npz",
+                                                     "brownian_000002.npz", "brownian_000002_mirror.npz"]
+    enc = data.load_encoded(tmp_path, "v1")
+    ep = data.load_episode(tmp_path / "brownian_000001.npz")
+    np.testing.assert_allclose(enc["brownian_000001.npz"]["mu"], _fake_encode(ep.frames)[0], rtol=1e-6)
+    np.testing.assert_array_equal(enc["brownian_000001_mirror.npz"]["actions"][:, 0], -ep.actions[:, 0])
+    assert enc["brownian_000001.npz"]["dones"][-1] == 1
+    before = (out / "brownian_000001.npz").stat().st_mtime_ns
+    data.encode_collection(tmp_path, _fake_encode, "v1", mirror=True, progress=False)
+    assert (out / "brownian_000001.npz").stat().st_mtime_ns == before  # resumed: nothing redone
+    with pytest.raises(data.EpisodeError, match="no encodings by V v2.*encodings by V v1"):
+        data.load_encoded(tmp_path, "v2")
+
+
+def test_sequence_sampler_windows_and_padding():
+    T = 10
+    eps = [{"mu": np.arange(T)[:, None] * np.ones((1, 4), np.float32) + 100 * i,
+            "logvar": np.zeros((T, 4), np.float32), "actions": np.ones((T, 3), np.float32) * i,
+            "rewards": np.arange(T, dtype=np.float32), "dones": np.eye(T, dtype=np.float32)[-1]}
+           for i in range(3)]
+    s = data.SequenceSampler(eps, seq_len=4, batch_size=2, seed=0)
+    b = s.batch(0)
+    assert b["mu"].shape == (2, 5, 4) and b["action"].shape == (2, 4, 3) and b["mask"].shape == (2, 5)
+    for k in range(2):  # targets are the next latents of the same episode
+        valid = b["mask"][k] > 0
+        mu = b["mu"][k, valid, 0]
+        assert np.all(np.diff(mu) == 1)
+    np.testing.assert_array_equal(s.batch(3)["mu"], data.SequenceSampler(eps, 4, 2, seed=0).batch(3)["mu"])
+    # validation windows cover every step exactly once, and the episode end is marked done
+    windows = s.all_windows()
+    assert sum(w["mask"][:, :-1].sum() for w in windows) == 3 * T
+    assert sum(w["done"].sum() for w in windows) == 3

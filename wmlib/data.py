@@ -202,3 +202,130 @@ class FrameSampler:
             flip = rng.random(self.batch_size) < 0.5
             out[flip] = out[flip, :, ::-1]
         return out
+
+
+# ---- encodings (V's posterior per step, the input of M) -----------------------------------------
+
+ENCODED = "encoded"
+
+
+def encoded_dir(folder: str | os.PathLike, vae_id: str) -> Path:
+    """Where the encodings of a collection by the V with id `vae_id` live: FOLDER/encoded/VAE_ID/."""
+    return Path(folder) / ENCODED / vae_id
+
+
+def encode_collection(folder: str | os.PathLike, encode_fn, vae_id: str, mirror: bool = False,
+                      progress: bool = True) -> Path:
+    """Encode every episode of a collection with `encode_fn(frames) -> (mu, logvar)`.
+
+    Each episode becomes FOLDER/encoded/VAE_ID/NAME.npz with mu, logvar (T, z_dim), actions,
+    rewards, dones and the V's id, written atomically; existing files are skipped (resumable). With
+    `mirror`, episodes without a stored mirror image also get the encoding of their mirrored frames.
+    """
+    from tqdm.auto import tqdm
+
+    out = encoded_dir(folder, vae_id)
+    out.mkdir(parents=True, exist_ok=True)
+    files = episode_files(folder)
+    if not files:
+        raise EpisodeError(f"collection folder {folder} holds no episodes to encode")
+    names = {p.name for p in files}
+    jobs = [(p, False) for p in files]
+    if mirror:
+        jobs += [(p, True) for p in files if not p.stem.endswith("_mirror")
+                 and p.name.replace(".npz", "_mirror.npz") not in names]
+    for path, flip in tqdm(jobs, desc="encode", unit="ep", disable=not progress):
+        target = out / (path.name.replace(".npz", "_mirror.npz") if flip else path.name)
+        if target.exists():
+            continue
+        ep = load_episode(path)
+        if flip:
+            ep = mirror_episode(ep)
+        mu, logvar = encode_fn(ep.frames)
+        with atomic_write(target) as f:
+            np.savez(f, mu=np.asarray(mu, np.float32), logvar=np.asarray(logvar, np.float32),
+                     actions=ep.actions, rewards=ep.rewards, dones=ep.dones, vae_id=np.str_(vae_id))
+    return out
+
+
+def load_encoded(folder: str | os.PathLike, vae_id: str) -> dict[str, dict[str, np.ndarray]]:
+    """All encodings of a collection by V `vae_id`: {episode name: {mu, logvar, actions, rewards, dones}}."""
+    path = encoded_dir(folder, vae_id)
+    files = sorted(path.glob("*.npz")) if path.is_dir() else []
+    if not files:
+        found = [p.name for p in (Path(folder) / ENCODED).glob("*")] if (Path(folder) / ENCODED).is_dir() else []
+        raise EpisodeError(f"{folder} has no encodings by V {vae_id}"
+                           + (f" (it has encodings by V {', '.join(found)}: a different V)" if found else
+                              "; run `wm encode` first"))
+    episodes = {}
+    for p in files:
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                if str(z["vae_id"]) != vae_id:
+                    raise EpisodeError(f"{p} was encoded by V {z['vae_id']}, not {vae_id}")
+                episodes[p.name] = {k: z[k] for k in ("mu", "logvar", "actions", "rewards", "dones")}
+        except (zipfile.BadZipFile, EOFError, OSError, KeyError, ValueError) as e:
+            if isinstance(e, EpisodeError):
+                raise
+            raise EpisodeError(f"{p} is truncated or not an encoding file ({type(e).__name__}: {e})") from None
+    return episodes
+
+
+class SequenceSampler:
+    """Windows of `seq_len` steps cut from encoded episodes, for training M.
+
+    Batch `index` belongs to epoch index // batches_per_epoch; each epoch cuts every episode into
+    windows at a fresh random offset and shuffles them, so over epochs M sees every transition in
+    many contexts. Windows at an episode's end are zero-padded with mask 0. A window holds seq_len + 1
+    latents (inputs z_0..z_{T-1} and targets z_1..z_T). Deterministic in (seed, index).
+    """
+
+    def __init__(self, episodes: list[dict], seq_len: int, batch_size: int, seed: int = 0):
+        if not episodes:
+            raise EpisodeError("no encoded episodes to cut sequences from")
+        self.episodes, self.seq_len, self.batch_size, self.seed = episodes, seq_len, batch_size, seed
+        n_windows = sum(-(-len(e["mu"]) // seq_len) for e in episodes)
+        self.batches_per_epoch = max(1, n_windows // batch_size)
+        self._epoch, self._windows = None, None
+
+    def _epoch_windows(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            windows = []
+            for i, e in enumerate(self.episodes):
+                T = len(e["mu"])
+                offset = int(rng.integers(self.seq_len)) if T > self.seq_len else 0
+                starts = list(range(offset, T, self.seq_len)) or [0]
+                if offset:
+                    starts = [0] + starts  # the start of the episode is not lost
+                windows += [(i, s) for s in starts]
+            self._windows = np.array(windows)[rng.permutation(len(windows))]
+            self._epoch = epoch
+        return self._windows
+
+    def batch(self, index: int) -> dict[str, np.ndarray]:
+        """dict of mu, logvar (B, T+1, z), action (B, T, 3), reward, done (B, T), mask (B, T+1)."""
+        epoch, k = divmod(index, self.batches_per_epoch)
+        windows = self._epoch_windows(epoch)
+        picked = [windows[(k * self.batch_size + j) % len(windows)] for j in range(self.batch_size)]
+        return self.windows_batch(picked)
+
+    def windows_batch(self, picked) -> dict[str, np.ndarray]:
+        T, z_dim = self.seq_len, self.episodes[0]["mu"].shape[1]
+        B = len(picked)
+        out = {"mu": np.zeros((B, T + 1, z_dim), np.float32), "logvar": np.zeros((B, T + 1, z_dim), np.float32),
+               "action": np.zeros((B, T, 3), np.float32), "reward": np.zeros((B, T), np.float32),
+               "done": np.zeros((B, T), np.float32), "mask": np.zeros((B, T + 1), np.float32)}
+        for b, (i, s) in enumerate(picked):
+            e = self.episodes[i]
+            n = min(T + 1, len(e["mu"]) - s)
+            out["mu"][b, :n], out["logvar"][b, :n], out["mask"][b, :n] = e["mu"][s:s + n], e["logvar"][s:s + n], 1
+            m = min(T, len(e["mu"]) - s)
+            out["action"][b, :m], out["reward"][b, :m], out["done"][b, :m] = \
+                e["actions"][s:s + m], e["rewards"][s:s + m], e["dones"][s:s + m]
+        return out
+
+    def all_windows(self) -> list[dict[str, np.ndarray]]:
+        """Every episode cut at offset 0 into batches (for validation metrics)."""
+        windows = [(i, s) for i, e in enumerate(self.episodes) for s in range(0, len(e["mu"]), self.seq_len)]
+        return [self.windows_batch(windows[j:j + self.batch_size]) for j in range(0, len(windows), self.batch_size)]

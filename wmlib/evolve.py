@@ -1,0 +1,198 @@
+"""CMA-ES for the controller (paper section 3.3): ask, score every candidate, tell, repeat.
+
+Sign convention, stated once: pycma and evosax both MINIMISE; we MAXIMISE the return. `_loss` is the
+only place where the sign flips (loss = -mean return); everything we log and save is a return.
+
+Fitness is any function `fitness(key, solutions (P, n)) -> returns (P, repeats)`; in the dream it is
+one jitted call (`dream.population_returns`), for the real environment it farms episodes out to
+workers. Each generation is checkpointed so `evolve` resumes exactly where it stopped:
+  - evosax: the ES state is a pytree of arrays, saved as .npz;
+  - pycma: its state is a large Python object whose only complete serialisation is a pickle (which
+    executes code on load). We store instead what determines it: the seed, the start point and every
+    generation's fitness values. pycma's sampling draws from our own seeded generator, so a resumed
+    run rebuilds the exact state by replaying ask/tell with the stored fitness, then continues.
+Files in the run folder: es_state.npz, controller.eqx (best so far), metrics.jsonl (stage "evolve").
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from wmlib.config import EvolveConfig
+from wmlib.controller import from_flat, save_controller
+from wmlib.files import append_jsonl, atomic_write, read_jsonl
+
+OPTIMIZERS = ("pycma", "evosax")
+STATE_FILE = "es_state.npz"
+
+
+def _loss(returns: np.ndarray) -> np.ndarray:
+    """The one sign flip: both optimisers minimise, we maximise the mean return."""
+    return -np.asarray(returns, np.float64)
+
+
+class PycmaES:
+    """pycma's CMA-ES with its random draws taken from a seeded numpy generator."""
+
+    def __init__(self, x0: np.ndarray, sigma0: float, popsize: int, seed: int):
+        import cma
+
+        self._rng = np.random.default_rng(seed)
+        self.es = cma.CMAEvolutionStrategy(
+            np.asarray(x0, np.float64), sigma0,
+            {"popsize": popsize, "seed": seed + 1, "verbose": -9,
+             "randn": lambda *shape: self._rng.standard_normal(shape)})
+        self.history: list[np.ndarray] = []  # losses told, one (P,) array per generation
+
+    def ask(self, key: jax.Array) -> np.ndarray:
+        return np.asarray(self.es.ask(), np.float64)
+
+    def tell(self, key: jax.Array, solutions: np.ndarray, losses: np.ndarray) -> None:
+        self.es.tell(list(solutions), list(losses))
+        self.history.append(np.asarray(losses, np.float64))
+
+    @property
+    def sigma(self) -> float:
+        return float(self.es.sigma)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return np.asarray(self.es.mean)
+
+    def state_arrays(self) -> dict:
+        return {"losses": np.stack(self.history) if self.history else np.zeros((0, 0))}
+
+    def restore(self, arrays: dict, keys: Callable[[int], jax.Array]) -> None:
+        for g, losses in enumerate(arrays["losses"]):
+            self.tell(keys(g), self.ask(keys(g)), losses)
+
+
+class EvosaxES:
+    """evosax's CMA-ES: all JAX, its state a pytree of arrays."""
+
+    def __init__(self, x0: np.ndarray, sigma0: float, popsize: int, seed: int):
+        from evosax.algorithms import CMA_ES
+
+        x0 = jnp.asarray(x0, jnp.float32)
+        self.es = CMA_ES(population_size=popsize, solution=x0)
+        self.params = self.es.default_params.replace(std_init=jnp.asarray(sigma0, jnp.float32))
+        self.state = self.es.init(jax.random.PRNGKey(seed), x0, self.params)
+
+    def ask(self, key: jax.Array) -> np.ndarray:
+        x, self.state = self.es.ask(key, self.state, self.params)
+        return np.asarray(x)
+
+    def tell(self, key: jax.Array, solutions: np.ndarray, losses: np.ndarray) -> None:
+        self.state, _ = self.es.tell(key, jnp.asarray(solutions), jnp.asarray(losses, jnp.float32),
+                                     self.state, self.params)
+
+    @property
+    def sigma(self) -> float:
+        return float(self.state.std)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return np.asarray(self.state.mean)
+
+    def state_arrays(self) -> dict:
+        return {f"leaf_{i}": np.asarray(x) for i, x in enumerate(jax.tree_util.tree_leaves(self.state))}
+
+    def restore(self, arrays: dict, keys: Callable[[int], jax.Array]) -> None:
+        leaves, treedef = jax.tree_util.tree_flatten(self.state)
+        self.state = jax.tree_util.tree_unflatten(
+            treedef, [jnp.asarray(arrays[f"leaf_{i}"], dtype=jnp.asarray(x).dtype) for i, x in enumerate(leaves)])
+
+
+def make_optimizer(name: str, x0: np.ndarray, sigma0: float, popsize: int, seed: int):
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
+    if popsize < 2:
+        raise ValueError(f"population size must be at least 2, got {popsize}")
+    return (PycmaES if name == "pycma" else EvosaxES)(x0, sigma0, popsize, seed)
+
+
+@dataclass
+class EvolveResult:
+    best_params: np.ndarray     # flat controller parameters with the best mean return seen
+    best_return: float
+    generations: int
+    records: list[dict]
+
+
+def evolve(fitness: Callable[[jax.Array, np.ndarray], np.ndarray], n_params: int, cfg: EvolveConfig,
+           run_dir: str | os.PathLike, z_dim: int = 32, hidden: int = 256, x0: np.ndarray | None = None,
+           real_score: Callable[[np.ndarray], dict] | None = None, stage: str = "evolve",
+           progress: bool = True) -> EvolveResult:
+    """Run CMA-ES for `cfg.generations` generations (resuming from `run_dir` when it holds a state).
+
+    `fitness(key, solutions)` returns (P, repeats) returns. Every `cfg.real_every` generations the best
+    candidate is also scored by `real_score(flat_params) -> {"mean": ..., "std": ...}` (real episodes),
+    logged beside its dream score.
+    """
+    if cfg.tau < 0:
+        raise ValueError(f"temperature tau must be >= 0, got {cfg.tau}")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path, state_path = run_dir / "metrics.jsonl", run_dir / STATE_FILE
+    x0 = np.zeros(n_params) if x0 is None else np.asarray(x0, np.float64)
+    es = make_optimizer(cfg.optimizer, x0, cfg.sigma0, cfg.popsize, cfg.seed)
+    base_key = jax.random.PRNGKey(cfg.seed)
+
+    def keys(g: int) -> jax.Array:
+        return jax.random.fold_in(base_key, g)
+
+    start, best_params, best_return = 0, x0, -math.inf
+    if state_path.exists():
+        with np.load(state_path) as z:
+            arrays = {k: z[k] for k in z.files}
+        if str(arrays.pop("optimizer")) != cfg.optimizer:
+            raise ValueError(f"{state_path} was written by a different optimizer; use a new run folder")
+        start, best_params, best_return = int(arrays.pop("generation")), arrays.pop("best_params"), float(arrays.pop("best_return"))
+        es.restore(arrays, keys)
+    records = [r for r in read_jsonl(metrics_path) if r.get("stage") == stage and r["generation"] <= start]
+
+    bar = tqdm(total=cfg.generations, initial=start, desc=f"{stage} ({cfg.optimizer})", unit="gen",
+               disable=not progress)
+    try:
+        for g in range(start, cfg.generations):
+            t0 = time.perf_counter()
+            ask_key, fit_key, tell_key = jax.random.split(keys(g), 3)
+            solutions = es.ask(ask_key)
+            t_fit = time.perf_counter()
+            returns = np.asarray(fitness(fit_key, solutions.astype(np.float32)))
+            fit_s = time.perf_counter() - t_fit
+            mean_returns = returns.mean(axis=1)
+            es.tell(tell_key, solutions, _loss(mean_returns))
+            i = int(np.argmax(mean_returns))
+            if mean_returns[i] > best_return:
+                best_return, best_params = float(mean_returns[i]), solutions[i].copy()
+                save_controller(run_dir / "controller.eqx", from_flat(jnp.asarray(best_params, jnp.float32), z_dim, hidden),
+                                extra={"generation": g + 1, "dream_return": best_return, "optimizer": cfg.optimizer})
+            record = {"stage": stage, "generation": g + 1, "best": float(mean_returns[i]),
+                      "mean": float(mean_returns.mean()), "std": float(mean_returns.std()),
+                      "best_so_far": best_return, "sigma": es.sigma, "fitness_s": fit_s}
+            if real_score is not None and cfg.real_every and (g + 1) % cfg.real_every == 0:
+                real = real_score(best_params)
+                record.update(real_mean=real["mean"], real_std=real["std"], real_episodes=len(real["scores"]))
+            with atomic_write(state_path) as f:
+                np.savez(f, optimizer=np.str_(cfg.optimizer), generation=np.int64(g + 1),
+                         best_params=best_params, best_return=np.float64(best_return), **es.state_arrays())
+            record["wall_s"] = time.perf_counter() - t0
+            append_jsonl(metrics_path, record)
+            records.append(record)
+            bar.update()
+            bar.set_postfix(best=f"{best_return:.1f}", sigma=f"{es.sigma:.3f}")
+    finally:
+        bar.close()
+    return EvolveResult(best_params=np.asarray(best_params), best_return=best_return,
+                        generations=cfg.generations, records=records)
