@@ -1,6 +1,13 @@
 """The `wm` command: the stages of World Models for long runs.
 
-    wm collect --policy brownian --episodes 8      real driving data (notebook 01)
+    wm pipeline --preset quick                      everything, resumable, with a summary table
+    wm collect --policy brownian --episodes 8       real driving data (notebook 01)
+    wm train-vae --data DIR --out DIR               V (notebook 02)
+    wm encode --data DIR --vae FILE                 every frame through V, for M
+    wm train-rnn --data DIR --vae FILE --out DIR    M (notebook 03)
+    wm evolve --agent DIR --data DIR --out DIR      C by CMA-ES in the dream (notebook 04)
+    wm evaluate --agent DIR --episodes 100          real episodes, JSON result (notebook 05)
+    wm iterate --run DIR                            one more sim2real iteration of a pipeline run
 
 Every subcommand prints one clear line and exits non-zero on bad input.
 """
@@ -10,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _positive_int(text: str) -> int:
@@ -34,6 +42,95 @@ def cmd_collect(args) -> None:
     print(json.dumps({"out": str(args.out), "episodes": len(manifest["episodes"]), "frames": manifest["frames"]}))
 
 
+def _preset(args):
+    from wmlib.config import get_preset
+
+    return get_preset(args.preset)
+
+
+def cmd_train_vae(args) -> None:
+    import dataclasses
+
+    from wmlib.vae import train_vae
+
+    cfg = _preset(args).vae
+    if args.steps:
+        cfg = dataclasses.replace(cfg, steps=args.steps)
+    train_vae(args.data, args.out, cfg)
+
+
+def cmd_encode(args) -> None:
+    from wmlib.pipeline import encode
+
+    vae_id = encode(Path(args.data), Path(args.vae), args.mirror)
+    print(json.dumps({"data": args.data, "vae_id": vae_id}))
+
+
+def cmd_train_rnn(args) -> None:
+    import dataclasses
+
+    from wmlib.data import load_encoded
+    from wmlib.mdnrnn import train_mdnrnn
+    from wmlib.pipeline import vae_id_of
+
+    cfg = _preset(args).rnn
+    if args.epochs:
+        cfg = dataclasses.replace(cfg, epochs=args.epochs)
+    vae_id = vae_id_of(args.vae)
+    train_mdnrnn(load_encoded(args.data, vae_id), args.out, cfg, vae_id)
+
+
+def cmd_evolve(args) -> None:
+    import dataclasses
+
+    from wmlib.pipeline import evolve_in_dream, vae_id_of
+
+    cfg = _preset(args).evolve
+    changes = {k: v for k, v in {"optimizer": args.optimizer, "generations": args.generations,
+                                  "popsize": args.popsize, "tau": args.tau}.items() if v is not None}
+    cfg = dataclasses.replace(cfg, **changes)
+    agent = Path(args.agent)
+    result = evolve_in_dream(agent, Path(args.data), vae_id_of(agent / "vae.eqx"), Path(args.out), cfg,
+                             workers=args.workers, fast=not args.stock)
+    print(json.dumps({"best_dream_return": result.best_return, "generations": result.generations,
+                      "controller": str(Path(args.out) / "controller.eqx")}))
+
+
+def cmd_evaluate(args) -> None:
+    from wmlib.evaluate import evaluate, write_media
+
+    save_dir = None
+    if args.video or args.filmstrip:
+        save_dir = Path(args.save or (Path(args.video or ".") / "episodes"))
+    result = evaluate(args.agent, args.episodes, seed=args.seed, workers=args.workers, max_steps=args.max_steps,
+                      fast=not args.stock, save_dir=save_dir)
+    if save_dir:
+        write_media(args.agent, save_dir, video_dir=args.video, filmstrip=args.filmstrip)
+    for f in result["failed"]:
+        print(f"episode seed {f['seed']} failed: {f['error']}", file=sys.stderr)
+    print(json.dumps({k: result[k] for k in ("mean", "std", "episodes", "seed", "scores")}))
+
+
+def cmd_iterate(args) -> None:
+    from wmlib.pipeline import Stages, format_summary, iterate, summary
+
+    run = Path(args.run)
+    preset = _preset(argparse.Namespace(preset=json.loads((run / "config.json").read_text())["name"]))
+    stages = Stages(run)
+    i = 1 + sum(1 for k in stages.done if k.startswith("iter_") and k.endswith("/evaluate"))
+    iterate(run, i, preset, stages, args.workers, fast=not args.stock)
+    print(format_summary(*summary(run)))
+
+
+def cmd_pipeline(args) -> None:
+    from wmlib.config import runs_dir
+    from wmlib.pipeline import run_pipeline
+
+    preset = _preset(args)
+    print(run_pipeline(preset, args.run or runs_dir() / f"pipeline_{preset.name}", workers=args.workers,
+                       fast=not args.stock))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wm", description="World Models (Ha & Schmidhuber, 2018) on CarRacing-v3")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -49,6 +146,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stock", action="store_true", help="use the stock Gymnasium renderer, not the fast one")
     p.add_argument("--agent", default=None, help="agent folder (V, M, C checkpoints) for --policy controller")
     p.set_defaults(func=cmd_collect)
+
+    def preset_arg(p):
+        p.add_argument("--preset", default=None, help="smoke, quick or full (default: $WM_PRESET or quick)")
+
+    def env_args(p):
+        p.add_argument("--workers", type=_positive_int, default=None, help="worker processes (default: all cores)")
+        p.add_argument("--stock", action="store_true", help="use the stock Gymnasium renderer, not the fast one")
+
+    p = sub.add_parser("train-vae", help="train V on a collection (resumes from --out)")
+    p.add_argument("--data", required=True, help="collection folder")
+    p.add_argument("--out", required=True, help="run folder for vae.eqx and metrics")
+    p.add_argument("--steps", type=_positive_int, default=None, help="override the preset's training steps")
+    preset_arg(p)
+    p.set_defaults(func=cmd_train_vae)
+
+    p = sub.add_parser("encode", help="encode every episode of a collection with V (resumable)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--vae", required=True, help="V checkpoint (vae.eqx)")
+    p.add_argument("--mirror", action="store_true", help="also encode the mirror image of every episode")
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("train-rnn", help="train M on the encodings of a collection (resumes from --out)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--vae", required=True, help="the V whose encodings to use")
+    p.add_argument("--out", required=True)
+    p.add_argument("--epochs", type=_positive_int, default=None)
+    preset_arg(p)
+    p.set_defaults(func=cmd_train_rnn)
+
+    p = sub.add_parser("evolve", help="evolve C with CMA-ES in M's dream (resumes from --out)")
+    p.add_argument("--agent", required=True, help="folder with vae.eqx and mdnrnn.eqx")
+    p.add_argument("--data", required=True, help="encoded collection the dreams start from")
+    p.add_argument("--out", required=True)
+    p.add_argument("--optimizer", choices=["pycma", "evosax"], default=None)
+    p.add_argument("--generations", type=_positive_int, default=None)
+    p.add_argument("--popsize", type=int, default=None)
+    p.add_argument("--tau", type=float, default=None, help="dream temperature")
+    preset_arg(p)
+    env_args(p)
+    p.set_defaults(func=cmd_evolve)
+
+    p = sub.add_parser("evaluate", help="run an agent on real episodes; prints a JSON line")
+    p.add_argument("--agent", required=True, help="folder with vae.eqx, mdnrnn.eqx, controller.eqx")
+    p.add_argument("--episodes", type=_positive_int, default=100)
+    p.add_argument("--seed", type=int, default=0, help="episode i runs on env seed SEED+i")
+    p.add_argument("--max-steps", type=_positive_int, default=1000)
+    p.add_argument("--video", default=None, help="folder for one mp4 per episode (real | V | dream)")
+    p.add_argument("--filmstrip", action="store_true", help="PNG strip around each episode's worst moment")
+    p.add_argument("--save", default=None, help="folder to keep the episodes in")
+    env_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("iterate", help="one more sim2real iteration of a pipeline run")
+    p.add_argument("--run", required=True)
+    env_args(p)
+    p.set_defaults(func=cmd_iterate)
+
+    p = sub.add_parser("pipeline", help="the whole method, resumable, with a summary")
+    p.add_argument("--preset", default="quick", help="smoke, quick or full (default quick)")
+    p.add_argument("--run", default=None, help="run folder (default runs/pipeline_PRESET)")
+    env_args(p)
+    p.set_defaults(func=cmd_pipeline)
     return parser
 
 

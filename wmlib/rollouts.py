@@ -31,6 +31,7 @@ class EpisodeSpec:
     max_steps: int = 1000
     fast: bool = True
     policy_kwargs: dict = field(default_factory=dict)
+    keep_raw: bool = False  # also keep the raw 96x96 observations (for videos)
 
 
 def default_workers() -> int:
@@ -45,11 +46,13 @@ def run_episode(spec: EpisodeSpec, env=None, policy=None) -> Episode:
     policy = policy or make_policy(spec.policy, **spec.policy_kwargs)
     obs, _ = env.reset(seed=spec.seed)
     policy.reset(np.random.default_rng(spec.seed))
-    frames, actions, rewards, car_xy = [], [], [], []
+    frames, actions, rewards, car_xy, raw = [], [], [], [], []
     terminated = truncated = False
     for _ in range(spec.max_steps):
         action = np.asarray(policy.act(obs, env), np.float32)
         frames.append(preprocess(obs))
+        if spec.keep_raw:
+            raw.append(obs)
         actions.append(action)
         car_xy.append(tuple(env.unwrapped.car.hull.position))
         obs, reward, terminated, truncated, _ = env.step(action)
@@ -59,7 +62,7 @@ def run_episode(spec: EpisodeSpec, env=None, policy=None) -> Episode:
     truncated = truncated or not terminated
     return Episode(frames=np.stack(frames), actions=np.stack(actions), rewards=np.asarray(rewards, np.float32),
                    terminated=bool(terminated), truncated=bool(truncated), policy=spec.policy, seed=spec.seed,
-                   info={"car_xy": np.asarray(car_xy, np.float32)})
+                   info={"car_xy": np.asarray(car_xy, np.float32), **({"raw": np.stack(raw)} if raw else {})})
 
 
 def _collect_one(spec: EpisodeSpec, out: str, mirror: bool) -> dict:

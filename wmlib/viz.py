@@ -56,3 +56,79 @@ def png_bytes(image: np.ndarray) -> bytes:
     if not ok:
         raise ValueError("could not encode the image as PNG")
     return buf.tobytes()
+
+
+def agent_video_frame(raw: np.ndarray, recon: np.ndarray, dream: np.ndarray, height: int = 192) -> np.ndarray:
+    """One video frame: the real observation | V's reconstruction | M's prediction, each `height` tall."""
+    import cv2
+
+    panels = [cv2.resize(to_uint8(im), (height, height), interpolation=cv2.INTER_NEAREST)
+              for im in (raw, recon, dream)]
+    return hstack(panels, pad=4)
+
+
+def filmstrip_rows(rows: list[np.ndarray], start: int, stop: int, n: int = 9) -> np.ndarray:
+    """Several aligned frame sequences (each (T, H, W, 3)) as stacked filmstrips over [start, stop)."""
+    T = len(rows[0])
+    start, stop = max(0, start), min(T, stop)
+    return vstack([filmstrip(r, n=n, start=start, stop=stop) for r in rows], pad=4)
+
+
+def write_mp4(path, frames: list[np.ndarray], fps: int = 50):
+    """Write RGB frames as an H.264 mp4 (plays in browsers and notebooks), atomically."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    import imageio_ffmpeg
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h, w = frames[0].shape[:2]
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".mp4")
+    os.close(fd)
+    try:
+        writer = imageio_ffmpeg.write_frames(tmp, (w, h), fps=fps, codec="libx264", pix_fmt_out="yuv420p",
+                                             macro_block_size=1, output_params=["-loglevel", "error"])
+        writer.send(None)
+        for frame in frames:
+            writer.send(np.ascontiguousarray(to_uint8(frame)).tobytes())
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+# ---- V: reconstructions and latent sweeps --------------------------------------------------------
+
+def recon_panel(frame: np.ndarray, recon: np.ndarray, scale: int = 3) -> np.ndarray:
+    """original | reconstruction | per-pixel absolute error (brighter = worse), enlarged `scale` times."""
+    frame, recon = to_uint8(frame), to_uint8(recon)
+    err = np.abs(frame.astype(np.int16) - recon.astype(np.int16)).mean(axis=-1)
+    err = np.repeat((np.clip(err * 3, 0, 255)).astype(np.uint8)[..., None], 3, axis=-1)
+    return hstack([upscale(frame, scale), upscale(recon, scale), upscale(err, scale)], pad=4)
+
+
+def latent_sweep(decode, z: np.ndarray, dims: list[int], values: np.ndarray = np.linspace(-3, 3, 7)) -> np.ndarray:
+    """A grid: row r decodes z with dimension dims[r] set to each of `values` (V's prior spans +-3).
+
+    `decode(zs (N, z_dim)) -> frames (N, 64, 64, 3)` in [0, 1] or uint8.
+    """
+    z = np.asarray(z, np.float32)
+    zs = np.repeat(z[None], len(dims) * len(values), axis=0)
+    for r, d in enumerate(dims):
+        zs[r * len(values):(r + 1) * len(values), d] = values
+    frames = np.asarray(decode(zs))
+    rows = [hstack(list(frames[r * len(values):(r + 1) * len(values)])) for r in range(len(dims))]
+    return vstack(rows)
+
+
+def kl_per_dim(mu: np.ndarray, logvar: np.ndarray) -> np.ndarray:
+    """Mean KL(q(z|x) || N(0, 1)) of each latent dimension over frames: (N, z) -> (z,).
+
+    Dimensions with KL near 0 carry no information (posterior = prior); V uses the others.
+    """
+    return np.mean(0.5 * (np.exp(logvar) + mu**2 - 1.0 - logvar), axis=0)
