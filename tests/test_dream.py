@@ -1,0 +1,140 @@
+"""The dream: batched fitness against a slow loop, episode ends, start modes, the gymnasium wrapper."""
+
+import warnings
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+from wmlib.controller import Controller, from_flat, n_params
+from wmlib.dream import (DreamCarRacing, DreamParams, make_start_bank, population_returns, reset, rollout,
+                         rollout_trajectory, step)
+from wmlib.mdnrnn import MDNRNN
+
+Z, H = 4, 8
+DONE = 3 * Z * 5 + 1  # index of the done logit in M's head output
+
+
+def tiny_mdnrnn(done_bias: float = -2.0, seed: int = 0) -> MDNRNN:
+    m = MDNRNN(jax.random.PRNGKey(seed), z_dim=Z, hidden=H)
+    return eqx.tree_at(lambda m: m.head_bias, m, m.head_bias.at[DONE].set(done_bias))
+
+
+def tiny_bank(warmup: int = 3, logvar: float = -2.0):
+    rng = np.random.default_rng(0)
+    lengths = (10, 6)
+    return make_start_bank([rng.normal(size=(n, Z)).astype(np.float32) for n in lengths],
+                           [np.full((n, Z), logvar, np.float32) for n in lengths],
+                           [rng.uniform(size=(n, 3)).astype(np.float32) for n in lengths], warmup=warmup)
+
+
+class LinearDecoder(eqx.Module):
+    """A stand-in for V's decoder: z -> 64x64x3 in [0, 1]."""
+    linear: eqx.nn.Linear
+
+    def decode(self, z):
+        return jax.nn.sigmoid(self.linear(z)).reshape(64, 64, 3)
+
+
+def test_population_returns_match_a_python_loop():
+    params = DreamParams(tiny_mdnrnn(done_bias=-1.0), tiny_bank(), tau=1.2, max_steps=12, start="warm")
+    P, R, steps = 3, 2, 15
+    flat = 0.5 * jax.random.normal(jax.random.PRNGKey(1), (P, n_params(Z, H)))
+    key = jax.random.PRNGKey(2)
+    got = np.asarray(population_returns(key, flat, params, R, steps))
+    assert got.shape == (P, R)
+
+    reset_j, step_j = eqx.filter_jit(reset), eqx.filter_jit(step)
+    want = np.zeros((P, R))
+    for p in range(P):
+        controller = from_flat(flat[p], Z, H)
+        for r, k in enumerate(jax.random.split(key, R)):
+            k_reset, k_steps = jax.random.split(k)
+            state = reset_j(k_reset, params)
+            for ks in jax.random.split(k_steps, steps):
+                state, _, reward, _ = step_j(ks, state, controller(state.z, state.h), params)
+                want[p, r] += float(reward)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert len(np.unique(got.round(4))) > 1  # the candidates and repeats really differ
+
+
+def test_done_freezes_the_episode():
+    params = DreamParams(tiny_mdnrnn(done_bias=50.0), tiny_bank(), max_steps=100)
+    controller = Controller(Z, H, key=jax.random.PRNGKey(3))
+    ret, traj = rollout_trajectory(jax.random.PRNGKey(4), controller, params, 6)
+    assert np.all(traj.done) and np.all(traj.reward[1:] == 0) and traj.reward[0] != 0
+    np.testing.assert_allclose(ret, traj.reward[0], rtol=1e-6)
+    np.testing.assert_allclose(rollout(jax.random.PRNGKey(4), controller, params, 6), ret, rtol=1e-6)
+    np.testing.assert_array_equal(traj.z[1], traj.z[-1])  # frozen latent after the end
+
+    state = reset(jax.random.PRNGKey(5), params)
+    state, obs, _, _ = step(jax.random.PRNGKey(6), state, jnp.array([0.0, 1.0, 0.0]), params)
+    again, obs2, reward, done = step(jax.random.PRNGKey(7), state, jnp.array([1.0, 0.0, 1.0]), params)
+    assert bool(done) and bool(again.terminated) and float(reward) == 0 and int(again.t) == 1
+    np.testing.assert_array_equal(obs, obs2)
+
+
+def test_max_steps_ends_the_episode():
+    params = DreamParams(tiny_mdnrnn(done_bias=-50.0), tiny_bank(), max_steps=5)
+    _, traj = rollout_trajectory(jax.random.PRNGKey(8), Controller(Z, H), params, 8)
+    np.testing.assert_array_equal(traj.done, [False] * 4 + [True] * 4)
+    assert np.all(traj.reward[:5] != 0) and np.all(traj.reward[5:] == 0)
+
+
+def test_start_modes():
+    m = tiny_mdnrnn()
+    bank = tiny_bank(warmup=3, logvar=-40.0)  # a near-zero posterior spread: z = mu
+    zero = reset(jax.random.PRNGKey(0), DreamParams(m, start="zero"))
+    assert not np.any(zero.z) and not np.any(zero.h) and not np.any(zero.c)
+
+    for s, history in ((7, [4, 5, 6]), (11, [10])):  # frame 11 is the second frame of episode 2
+        one = eqx.tree_at(lambda b: b.starts, bank, jnp.array([s], jnp.int32))
+        real = reset(jax.random.PRNGKey(1), DreamParams(m, one, start="real"))
+        np.testing.assert_allclose(real.z, bank.mu[s], atol=1e-6)
+        assert not np.any(real.h)
+        warm = reset(jax.random.PRNGKey(1), DreamParams(m, one, start="warm"))
+        state = m.initial_state()
+        for i in history:
+            state = m.advance(state, bank.mu[i], bank.action[i])
+        np.testing.assert_allclose(warm.z, bank.mu[s], atol=1e-6)
+        np.testing.assert_allclose(warm.h, state[0], atol=1e-6)
+        np.testing.assert_allclose(warm.c, state[1], atol=1e-6)
+
+
+def test_params_are_checked():
+    m = tiny_mdnrnn()
+    with pytest.raises(ValueError, match="valid modes: warm, real, zero"):
+        DreamParams(m, tiny_bank(), start="cold")
+    with pytest.raises(ValueError, match="needs a StartBank"):
+        DreamParams(m, None, start="warm")
+    with pytest.raises(ValueError, match="z_dim"):
+        DreamParams(MDNRNN(jax.random.PRNGKey(0), z_dim=5, hidden=H), tiny_bank())
+    with pytest.raises(ValueError, match="z_dim=4, hidden=8"):
+        rollout(jax.random.PRNGKey(0), Controller(32, 256), DreamParams(m, tiny_bank()), 3)
+
+
+def test_gymnasium_env_passes_check_env_and_renders():
+    params = DreamParams(tiny_mdnrnn(done_bias=-50.0), tiny_bank(), max_steps=4)
+    decoder = LinearDecoder(eqx.nn.Linear(Z, 64 * 64 * 3, key=jax.random.PRNGKey(0)))
+    env = DreamCarRacing(params, vae=decoder, render_mode="rgb_array")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check_env(env)
+    # allowed: no registered spec, and the unbounded z part of the observation (a Gaussian sample)
+    problems = [str(w.message) for w in caught if "spec" not in str(w.message) and "infinity" not in str(w.message)]
+    assert not problems, problems
+
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == (Z + H,) and obs.dtype == np.float32 and env.observation_space.contains(obs)
+    frame = env.render()
+    assert frame.shape == (64, 64, 3) and frame.dtype == np.uint8
+    ends = [env.step(np.array([0.0, 1.0, 0.0], np.float32))[2:4] for _ in range(4)]
+    assert ends == [(False, False)] * 3 + [(False, True)]
+    for bad in ([0.0, 1.5, 0.0], [-2.0, 0.0, 0.0], [0.0, 0.0], [np.nan, 0.0, 0.0]):
+        with pytest.raises(ValueError, match="outside the CarRacing action space"):
+            env.step(np.array(bad, np.float32))
+    with pytest.raises(ValueError, match="needs a vae"):
+        DreamCarRacing(params, render_mode="rgb_array")

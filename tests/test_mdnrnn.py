@@ -1,0 +1,218 @@
+"""M: the LSTM and the MDN against independent numpy/scipy code, sampling, losses, training, files."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.special import log_softmax, logsumexp
+from scipy.stats import norm
+
+from wmlib.checkpoint import CheckpointError, save
+from wmlib.config import RNNConfig
+from wmlib.mdnrnn import (MDNRNN, MDNOutputs, load_mdnrnn, make_optimizer, make_train_step, mdn_log_prob,
+                          mdnrnn_loss, sample_next_z, save_mdnrnn, split_episodes, train_mdnrnn,
+                          validation_metrics)
+
+Z, A, H, K = 4, 3, 8, 5
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = MDNRNN(jax.random.PRNGKey(0), z_dim=Z, action_dim=A, hidden=H, n_mix=K)
+    # non-zero biases, so the test also checks where they enter
+    return jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.PRNGKey(9), x.shape), m)
+
+
+def sigmoid(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def numpy_lstm(model, zs, acts):
+    """Plain numpy LSTM (gate order i, f, g, o) with M's weights -> hidden states (T, H)."""
+    W, b = np.asarray(model.weight, np.float64), np.asarray(model.bias, np.float64)
+    h, c, hs = np.zeros(H), np.zeros(H), []
+    for z, a in zip(zs, acts):
+        g = np.concatenate([z, a, h]) @ W + b
+        i, f, gg, o = g[:H], g[H:2 * H], g[2 * H:3 * H], g[3 * H:]
+        c = sigmoid(f) * c + sigmoid(i) * np.tanh(gg)
+        h = sigmoid(o) * np.tanh(c)
+        hs.append(h)
+    return np.array(hs)
+
+
+def numpy_heads(model, h):
+    out = h @ np.asarray(model.head_weight, np.float64) + np.asarray(model.head_bias, np.float64)
+    n = Z * K
+    return out[:n].reshape(Z, K), out[n:2 * n].reshape(Z, K), out[2 * n:3 * n].reshape(Z, K), out[3 * n], out[3 * n + 1]
+
+
+def test_lstm_and_heads_match_numpy(model):
+    rng = np.random.default_rng(0)
+    zs, acts = rng.normal(size=(6, Z)), rng.uniform(size=(6, A))
+    hs = numpy_lstm(model, zs, acts)
+    seq = model.forward_sequence(jnp.asarray(zs, jnp.float32), jnp.asarray(acts, jnp.float32))
+    state = model.initial_state()
+    for t in range(6):
+        state, out = model.step(state, jnp.asarray(zs[t], jnp.float32), jnp.asarray(acts[t], jnp.float32))
+        np.testing.assert_allclose(state[0], hs[t], atol=1e-5)
+        logits, mu, log_sigma, reward, done = numpy_heads(model, hs[t])
+        for got in (out, jax.tree.map(lambda x, t=t: x[t], seq)):  # step and forward_sequence agree
+            np.testing.assert_allclose(got.logits, logits, atol=1e-5)
+            np.testing.assert_allclose(got.mu, mu, atol=1e-5)
+            np.testing.assert_allclose(got.log_sigma, log_sigma, atol=1e-5)
+            np.testing.assert_allclose([got.reward, got.done_logit], [reward, done], atol=1e-5)
+
+
+def random_outputs(key, shape=(Z, K)):
+    k = jax.random.split(key, 3)
+    return MDNOutputs(2 * jax.random.normal(k[0], shape), 2 * jax.random.normal(k[1], shape),
+                      0.5 * jax.random.normal(k[2], shape), jnp.zeros(shape[:-2]), jnp.zeros(shape[:-2]))
+
+
+def scipy_log_prob(out, z):
+    logw = log_softmax(np.asarray(out.logits, np.float64), axis=-1)
+    comp = norm.logpdf(np.asarray(z, np.float64)[..., None], np.asarray(out.mu), np.exp(np.asarray(out.log_sigma)))
+    return logsumexp(logw + comp, axis=-1)
+
+
+def test_mdn_log_prob_matches_scipy():
+    out = random_outputs(jax.random.PRNGKey(1), (7, Z, K))
+    z = 3 * jax.random.normal(jax.random.PRNGKey(2), (7, Z))
+    np.testing.assert_allclose(mdn_log_prob(out, z), scipy_log_prob(out, z), rtol=1e-5, atol=1e-5)
+
+
+def test_loss_parts_match_hand_computation(model):
+    """NLL vs scipy, reward loss with asymmetry k = 3 by hand, done BCE by hand, padding ignored."""
+    B, T = 2, 5
+    rng = np.random.default_rng(3)
+    z_seq = jnp.asarray(rng.normal(size=(B, T, Z)), jnp.float32)
+    a_seq = jnp.asarray(rng.uniform(size=(B, T, A)), jnp.float32)
+    z_next = jnp.asarray(rng.normal(size=(B, T, Z)), jnp.float32)
+    mask = jnp.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], jnp.float32)
+    out = jax.vmap(model.forward_sequence)(z_seq, a_seq)
+    err = np.array([[1.0, -2.0, 0.5, -1.0, 0.25], [2.0, -0.5, 1.0, 99.0, 99.0]])  # predicted - real
+    reward = np.asarray(out.reward) - err
+    done = jnp.array([[0, 0, 0, 0, 1], [0, 0, 1, 0, 0]], jnp.float32)
+    loss, aux = mdnrnn_loss(model, z_seq, a_seq, z_next, jnp.asarray(reward), done, mask, reward_asymmetry=3.0)
+
+    valid = np.asarray(mask) > 0
+    nll = -scipy_log_prob(jax.tree.map(np.asarray, out), z_next).mean(-1)[valid].mean()
+    hand = (3 * 1 + 4 + 3 * 0.25 + 1 + 3 * 0.0625 + 3 * 4 + 0.25 + 3 * 1) / 8
+    p = sigmoid(np.asarray(out.done_logit, np.float64))
+    bce = -(np.asarray(done) * np.log(p) + (1 - np.asarray(done)) * np.log(1 - p))[valid].mean()
+    np.testing.assert_allclose([aux["nll"], aux["reward_loss"], aux["done_loss"]], [nll, hand, bce], rtol=1e-5)
+    np.testing.assert_allclose(loss, nll + 10 * hand + 10 * bce, rtol=1e-5)
+    _, sym = mdnrnn_loss(model, z_seq, a_seq, z_next, jnp.asarray(reward), done, mask)
+    np.testing.assert_allclose(sym["reward_loss"], (err[valid] ** 2).mean(), rtol=1e-5)
+
+
+def mixture_samples(out, tau, n=200_000, seed=0):
+    keys = jax.random.split(jax.random.PRNGKey(seed), n)
+    return np.asarray(jax.jit(jax.vmap(sample_next_z, (0, None, None)))(keys, out, tau))
+
+
+def test_samples_match_mixture_moments_at_tau_1():
+    out = random_outputs(jax.random.PRNGKey(4))
+    w = np.exp(log_softmax(np.asarray(out.logits, np.float64), -1))
+    mu, var = np.asarray(out.mu, np.float64), np.exp(2 * np.asarray(out.log_sigma, np.float64))
+    mean = (w * mu).sum(-1)
+    variance = (w * (var + mu ** 2)).sum(-1) - mean ** 2
+    s = mixture_samples(out, 1.0)
+    se = np.sqrt(variance / len(s))
+    assert np.all(np.abs(s.mean(0) - mean) < 5 * se), (s.mean(0), mean)
+    np.testing.assert_allclose(s.var(0), variance, rtol=0.03)
+
+
+def test_temperature_flattens_the_mixture_and_widens_the_gaussians():
+    """Two components at -10 and +10 with weights 0.8 / 0.2 and sigma 1: at temperature tau the
+    weights become proportional to w^(1/tau) and each component's std becomes sqrt(tau)."""
+    logits = jnp.log(jnp.array([[0.8, 0.2, 1e-30, 1e-30, 1e-30]]))
+    out = MDNOutputs(logits, jnp.array([[-10.0, 10.0, 0.0, 0.0, 0.0]]), jnp.zeros((1, K)), jnp.zeros(()), jnp.zeros(()))
+    for tau in (0.5, 1.0, 2.0):
+        s = mixture_samples(out, tau, n=100_000)[:, 0]
+        right = 0.2 ** (1 / tau) / (0.8 ** (1 / tau) + 0.2 ** (1 / tau))
+        assert abs((s > 0).mean() - right) < 0.01, (tau, (s > 0).mean(), right)
+        np.testing.assert_allclose(s[s < 0].std(), np.sqrt(tau), rtol=0.03)
+    cold = mixture_samples(out, 0.01, n=10_000)[:, 0]
+    assert np.all(cold < 0) and cold.std() < 0.15  # near-greedy: the likely component, narrow
+
+
+def batch_from(model, rng, B=3, T=6, true_mu=False):
+    """A SequenceSampler-style batch whose targets M can learn: z_{t+1} = 0.5 z_t, reward = a_0."""
+    mu = np.zeros((B, T + 1, Z), np.float32)
+    mu[:, 0] = rng.normal(size=(B, Z))
+    for t in range(T):
+        mu[:, t + 1] = 0.5 * mu[:, t]
+    action = rng.uniform(size=(B, T, A)).astype(np.float32)
+    mask = np.ones((B, T + 1), np.float32)
+    mask[-1, -2:] = 0
+    done = np.zeros((B, T), np.float32)
+    done[:, -1] = 1
+    return {"mu": mu, "logvar": np.full_like(mu, -6.0), "action": action, "reward": action[..., 0].copy(),
+            "done": done, "mask": mask}
+
+
+def test_train_step_lowers_the_loss(model):
+    batch = jax.tree.map(jnp.asarray, batch_from(model, np.random.default_rng(5)))
+    opt = make_optimizer(RNNConfig(learning_rate=1e-2))
+    step = make_train_step(opt)
+    state = opt.init(jax.tree.map(lambda x: x, model))
+    m, first = model, None
+    for i in range(30):
+        m, state, loss, aux = step(m, state, batch, jax.random.PRNGKey(i))
+        first = float(loss) if first is None else first
+        assert set(aux) == {"nll", "reward_loss", "done_loss"}
+    assert float(loss) < 0.5 * first
+
+
+def test_validation_metrics_match_numpy(model):
+    rng = np.random.default_rng(6)
+    batches = [batch_from(model, rng), batch_from(model, rng, B=2)]
+    got = validation_metrics(model, batches)
+    preds, rewards, dones, nlls = [], [], [], []
+    for b in batches:
+        out = jax.vmap(model.forward_sequence)(b["mu"][:, :-1], b["action"])
+        m, mz = b["mask"][:, :-1] > 0, (b["mask"][:, :-1] * b["mask"][:, 1:]) > 0
+        preds.append(np.asarray(out.reward)[m]), rewards.append(b["reward"][m])
+        dones.append((np.asarray(out.done_logit)[m] > 0, b["done"][m] > 0.5))
+        nlls.append(-scipy_log_prob(jax.tree.map(np.asarray, out), b["mu"][:, 1:]).sum(-1)[mz])
+    p, r = np.concatenate(preds), np.concatenate(rewards)
+    dp, dr = np.concatenate([d[0] for d in dones]), np.concatenate([d[1] for d in dones])
+    np.testing.assert_allclose(got["reward_mae"], np.abs(p - r).mean(), rtol=1e-4)
+    np.testing.assert_allclose(got["reward_corr"], np.corrcoef(p, r)[0, 1], rtol=1e-3)
+    np.testing.assert_allclose(got["nll_per_step"], np.concatenate(nlls).mean(), rtol=1e-4)
+    tp = (dp & dr).sum()
+    expected_precision = tp / dp.sum() if dp.sum() else np.nan
+    np.testing.assert_allclose(got["done_precision"], expected_precision, rtol=1e-6)
+    np.testing.assert_allclose(got["done_recall"], tp / dr.sum(), rtol=1e-6)
+
+
+def test_split_keeps_mirror_images_together():
+    names = [f"brownian_{i:06d}.npz" for i in range(5)] + [f"brownian_{i:06d}_mirror.npz" for i in range(5)]
+    train, val = split_episodes(names, 2, seed=1)
+    assert len(val) == 4 and sorted(train + val) == sorted(names)
+    assert {n.replace("_mirror", "") for n in val}.isdisjoint({n.replace("_mirror", "") for n in train})
+
+
+def test_train_mdnrnn_writes_a_loadable_checkpoint(tmp_path):
+    rng = np.random.default_rng(7)
+    encoded = {f"ep_{i}.npz": {"mu": rng.normal(size=(12, Z)).astype(np.float32),
+                               "logvar": np.full((12, Z), -3.0, np.float32),
+                               "actions": rng.uniform(size=(12, A)).astype(np.float32),
+                               "rewards": rng.normal(size=12).astype(np.float32),
+                               "dones": np.eye(12, dtype=np.float32)[-1]} for i in range(3)}
+    cfg = RNNConfig(hidden=H, seq_len=5, batch_size=2, epochs=2, val_episodes=1)
+    model = train_mdnrnn(encoded, tmp_path, cfg, vae_id="abc", progress=False)
+    loaded, header = load_mdnrnn(tmp_path / "mdnrnn.eqx")
+    assert header["extra"]["vae_id"] == "abc" and loaded.hidden == H and loaded.z_dim == Z
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(loaded)))
+
+
+def test_checkpoint_round_trip(model, tmp_path):
+    path = save_mdnrnn(tmp_path / "m.eqx", model, extra={"epoch": 2})
+    loaded, header = load_mdnrnn(path)
+    assert header["hyper"] == {"z_dim": Z, "action_dim": A, "hidden": H, "n_mix": K}
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(model), jax.tree.leaves(loaded)))
+    save(tmp_path / "c.eqx", model, "controller", {})
+    with pytest.raises(CheckpointError, match="expected a mdnrnn"):
+        load_mdnrnn(tmp_path / "c.eqx")

@@ -1,0 +1,272 @@
+"""The dream (paper section 3.3 and 4.4): M used as the environment that C is evolved in.
+
+Gymnax style: the environment is stateless and every function is pure, so a whole rollout is one
+`lax.scan`, and repeats and the CMA-ES population are `vmap`s around it:
+
+    state = reset(key, params)                                  # a start drawn from real frames
+    state, obs, reward, done = step(key, state, action, params)  # obs = [z, h], C's input
+
+A dream step feeds (z_t, a_t) to M, samples z_{t+1} from M's mixtures at temperature tau, and takes
+the reward and the end of the episode from M's heads. The episode ends when M's done head says so,
+deterministically: sigmoid(done logit) > 0.5 (a sampled end would add noise to every fitness for
+no gain in realism), or after `max_steps` steps. An ended episode is frozen: its state no longer
+changes and it earns no more reward.
+
+Start states come from real encoded frames (`StartBank`), in one of three modes:
+  "warm": z drawn from V's posterior of a real frame, and M's LSTM state warmed up on the up to
+          `warmup` real steps before that frame (z drawn from V's posterior too, the real actions),
+          as if M had been watching the drive;
+  "real": the same real z, but a zero LSTM state;
+  "zero": z = 0 (the mean of V's prior) and a zero LSTM state; needs no real data.
+
+`DreamCarRacing` wraps the same functions as a `gymnasium.Env`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import equinox as eqx
+import gymnasium as gym
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int
+
+from wmlib.controller import Controller, check_fits, from_flat
+from wmlib.mdnrnn import MDNRNN, sample_next_z
+
+START_MODES = ("warm", "real", "zero")
+ACTION_LOW = np.array([-1.0, 0.0, 0.0], np.float32)
+ACTION_HIGH = np.array([1.0, 1.0, 1.0], np.float32)
+
+
+class StartBank(eqx.Module):
+    """Real encoded frames that dreams start from, with the history before each of them.
+
+    All episodes are stored end to end (F frames in all); `starts` lists the frames a dream may
+    start at and `episode_start[i]` is the first frame of frame i's episode (so a warm-up never
+    reaches into the previous episode).
+    """
+
+    mu: Float[Array, "F z_dim"]
+    logvar: Float[Array, "F z_dim"]
+    action: Float[Array, "F action_dim"]
+    episode_start: Int[Array, "F"]
+    starts: Int[Array, "N"]
+    warmup: int = eqx.field(static=True)
+
+
+def make_start_bank(mus: Sequence[np.ndarray], logvars: Sequence[np.ndarray], actions: Sequence[np.ndarray],
+                    warmup: int = 32, stride: int = 1) -> StartBank:
+    """Per-episode V posteriors (T_i, z_dim) and actions (T_i, action_dim) -> StartBank.
+
+    Every `stride`-th frame of every episode becomes a possible start; a warm start replays the up
+    to `warmup` (z, a) steps before it.
+    """
+    if not len(mus) or len(mus) != len(logvars) or len(mus) != len(actions):
+        raise ValueError(f"make_start_bank needs the same positive number of mu, logvar and action arrays, "
+                         f"got {len(mus)}, {len(logvars)} and {len(actions)}")
+    for i, (m, lv, a) in enumerate(zip(mus, logvars, actions)):
+        if m.ndim != 2 or m.shape != lv.shape or a.ndim != 2 or len(a) != len(m) or not len(m):
+            raise ValueError(f"episode {i}: expected mu and logvar (T, z_dim) and action (T, action_dim) "
+                             f"with T > 0, got {m.shape}, {lv.shape} and {a.shape}")
+    lengths = np.array([len(m) for m in mus])
+    first = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    starts = np.concatenate([f + np.arange(0, n, stride) for f, n in zip(np.cumsum(lengths) - lengths, lengths)])
+    as_f32 = lambda xs: jnp.asarray(np.concatenate(xs), jnp.float32)  # noqa: E731
+    return StartBank(as_f32(mus), as_f32(logvars), as_f32(actions), jnp.asarray(first, jnp.int32),
+                     jnp.asarray(starts, jnp.int32), warmup)
+
+
+class DreamParams(eqx.Module):
+    """Everything a dream needs: M, the start bank, the temperature, the episode length, the start mode."""
+
+    mdnrnn: MDNRNN
+    bank: StartBank | None
+    tau: Float[Array, ""]
+    max_steps: int = eqx.field(static=True)
+    start: str = eqx.field(static=True)
+
+    def __init__(self, mdnrnn: MDNRNN, bank: StartBank | None = None, tau: float = 1.0,
+                 max_steps: int = 1000, start: str = "warm"):
+        if start not in START_MODES:
+            raise ValueError(f"unknown dream start mode {start!r}; valid modes: {', '.join(START_MODES)}")
+        if start != "zero" and bank is None:
+            raise ValueError(f"dream start mode {start!r} needs a StartBank of real encoded frames "
+                             "(make_start_bank), or use start='zero'")
+        if bank is not None and (bank.mu.shape[1], bank.action.shape[1]) != (mdnrnn.z_dim, mdnrnn.action_dim):
+            raise ValueError(f"the start bank has z_dim {bank.mu.shape[1]} and action_dim {bank.action.shape[1]}, "
+                             f"M expects {mdnrnn.z_dim} and {mdnrnn.action_dim}")
+        if not tau > 0 or max_steps < 1:
+            raise ValueError(f"need tau > 0 and max_steps >= 1, got tau={tau}, max_steps={max_steps}")
+        self.mdnrnn, self.bank, self.max_steps, self.start = mdnrnn, bank, max_steps, start
+        self.tau = jnp.asarray(tau, jnp.float32)  # an array, so a new tau does not recompile
+
+
+class DreamState(eqx.Module):
+    """One dream episode's state: the current latent, M's LSTM state, the step count and end flags."""
+
+    z: Float[Array, "z_dim"]
+    h: Float[Array, "hidden"]
+    c: Float[Array, "hidden"]
+    t: Int[Array, ""]
+    done: Bool[Array, ""]         # the episode is over (M's done head, or max_steps reached)
+    terminated: Bool[Array, ""]   # M's done head ended it
+
+
+def reset(key: jax.Array, params: DreamParams) -> DreamState:
+    """Start one dream episode (see the module docstring for the start modes)."""
+    m = params.mdnrnn
+    h, c = m.initial_state()
+    if params.start == "zero":
+        z = jnp.zeros(m.z_dim)
+    else:
+        b = params.bank
+        kidx, kz, kw = jax.random.split(key, 3)
+        s = b.starts[jax.random.randint(kidx, (), 0, b.starts.shape[0])]
+        z = b.mu[s] + jnp.exp(0.5 * b.logvar[s]) * jax.random.normal(kz, (m.z_dim,))
+        if params.start == "warm":
+            idx = s - b.warmup + jnp.arange(b.warmup)
+            valid = idx >= b.episode_start[s]
+            idx = jnp.maximum(idx, 0)
+            zs = b.mu[idx] + jnp.exp(0.5 * b.logvar[idx]) * jax.random.normal(kw, (b.warmup, m.z_dim))
+
+            def warm(hc, x):
+                zi, ai, ok = x
+                new = m.advance(hc, zi, ai)
+                return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, hc), None
+
+            (h, c), _ = jax.lax.scan(warm, (h, c), (zs, b.action[idx], valid))
+    false = jnp.zeros((), bool)
+    return DreamState(z, h, c, jnp.zeros((), jnp.int32), false, false)
+
+
+def observation(state: DreamState) -> Float[Array, "obs"]:
+    """C's input [z_t, h_t]."""
+    return jnp.concatenate([state.z, state.h])
+
+
+def step(key: jax.Array, state: DreamState, action: Float[Array, "action_dim"], params: DreamParams
+         ) -> tuple[DreamState, Float[Array, "obs"], Float[Array, ""], Bool[Array, ""]]:
+    """One dream step -> (state, obs [z_{t+1}, h_{t+1}], reward r_t, done). A done state stays as it is
+    and earns 0."""
+    (h, c), out = params.mdnrnn.step((state.h, state.c), state.z, action)
+    z = sample_next_z(key, out, params.tau)
+    terminated = out.done_logit > 0.0  # sigmoid(logit) > 0.5
+    t = state.t + 1
+    new = DreamState(z, h, c, t, terminated | (t >= params.max_steps), terminated)
+    new = jax.tree.map(lambda old, n: jnp.where(state.done, old, n), state, new)
+    return new, observation(new), jnp.where(state.done, 0.0, out.reward), new.done
+
+
+class Trajectory(NamedTuple):
+    """A dream rollout step by step (time axis first): the latent C saw, its action, reward, done."""
+    z: Float[Array, "T z_dim"]
+    action: Float[Array, "T action_dim"]
+    reward: Float[Array, "T"]
+    done: Bool[Array, "T"]
+
+
+def _rollout(key, controller: Controller, params: DreamParams, steps: int, trace: bool):
+    check_fits(controller, params.mdnrnn.z_dim, params.mdnrnn.hidden)
+    k_reset, k_steps = jax.random.split(key)
+
+    def body(carry, k):
+        state, ret = carry
+        action = controller(state.z, state.h)
+        new, _, reward, done = step(k, state, action, params)
+        return (new, ret + reward), (Trajectory(state.z, action, reward, done) if trace else None)
+
+    (_, ret), traj = jax.lax.scan(body, (reset(k_reset, params), jnp.zeros(())),
+                                  jax.random.split(k_steps, steps))
+    return ret, traj
+
+
+def rollout(key: jax.Array, controller: Controller, params: DreamParams, steps: int) -> Float[Array, ""]:
+    """Total dream reward of `controller` over `steps` steps from one start (one lax.scan)."""
+    return _rollout(key, controller, params, steps, trace=False)[0]
+
+
+def rollout_trajectory(key: jax.Array, controller: Controller, params: DreamParams, steps: int
+                       ) -> tuple[Float[Array, ""], Trajectory]:
+    """`rollout`, also returning the trajectory (for pictures: decode `z` with V). Same key, same dream."""
+    return _rollout(key, controller, params, steps, trace=True)
+
+
+@eqx.filter_jit
+def population_returns(key: jax.Array, flat_params: Float[Array, "P n"], params: DreamParams,
+                       repeats: int, steps: int) -> Float[Array, "P repeats"]:
+    """Dream returns of P controllers (flat vectors, `controller.to_flat` order), `repeats` rollouts each.
+
+    One jitted call: vmap over the population and the repeats around the scan. Every candidate
+    meets the same `repeats` dreams (rollout keys `jax.random.split(key, repeats)`: the same starts
+    and noise, common random numbers), so CMA-ES ranks controllers rather than their luck.
+    """
+    m = params.mdnrnn
+    keys = jax.random.split(key, repeats)
+
+    def candidate(vec):
+        controller = from_flat(vec, m.z_dim, m.hidden)
+        return jax.vmap(lambda k: rollout(k, controller, params, steps))(keys)
+
+    return jax.vmap(candidate)(flat_params)
+
+
+class DreamCarRacing(gym.Env):
+    """The dream as a Gymnasium environment with CarRacing's action space.
+
+    Observations are C's input [z, h] (float32, z_dim + hidden; z unbounded, h in [-1, 1]); actions
+    (steer, gas, brake) must lie in Box([-1, 0, 0], [1, 1, 1]). With render_mode "rgb_array",
+    `render()` decodes the current z through `vae` (anything with `.decode(z) -> (64, 64, 3)` in
+    [0, 1]) to a uint8 RGB frame.
+    Episodes end as in `step`: terminated by M's done head, truncated after `params.max_steps`.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 50}
+
+    def __init__(self, params: DreamParams, vae=None, render_mode: str | None = None):
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode {render_mode!r} is not supported; use None or 'rgb_array'")
+        if render_mode == "rgb_array" and vae is None:
+            raise ValueError("render_mode 'rgb_array' needs a vae (an object with .decode(z)) to draw z")
+        m = params.mdnrnn
+        self.params, self.vae, self.render_mode = params, vae, render_mode
+        # z is a Gaussian-mixture sample (unbounded); h = sigmoid(o) tanh(c) lies in [-1, 1]
+        bound = np.concatenate([np.full(m.z_dim, np.inf), np.ones(m.hidden)]).astype(np.float32)
+        self.observation_space = gym.spaces.Box(-bound, bound, dtype=np.float32)
+        self.action_space = gym.spaces.Box(ACTION_LOW, ACTION_HIGH, dtype=np.float32)
+        self._reset, self._step = eqx.filter_jit(reset), eqx.filter_jit(step)
+        self._decode = eqx.filter_jit(lambda vae, z: vae.decode(z))
+        self._state: DreamState | None = None
+        self._key: jax.Array | None = None
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self._key, k = jax.random.split(jax.random.PRNGKey(int(self.np_random.integers(2**31 - 1))))
+        self._state = self._reset(k, self.params)
+        return np.array(observation(self._state), np.float32), {"t": 0}
+
+    def step(self, action):
+        if self._state is None:
+            raise RuntimeError("DreamCarRacing.step called before reset()")
+        a = np.asarray(action, np.float32)
+        if a.shape != (3,) or not self.action_space.contains(a):
+            raise ValueError(f"action {np.asarray(action).tolist()} is outside the CarRacing action space: "
+                             "expected (steer, gas, brake) with steer in [-1, 1], gas and brake in [0, 1]")
+        self._key, k = jax.random.split(self._key)
+        self._state, obs, reward, done = self._step(k, self._state, jnp.asarray(a), self.params)
+        terminated = bool(self._state.terminated)
+        return (np.array(obs, np.float32), float(reward), terminated, bool(done) and not terminated,
+                {"t": int(self._state.t)})
+
+    def render(self):
+        if self.render_mode is None:
+            gym.logger.warn("DreamCarRacing.render() called without a render_mode; "
+                            "make the env with render_mode='rgb_array' and a vae")
+            return None
+        if self._state is None:
+            raise RuntimeError("DreamCarRacing.render called before reset()")
+        frame = np.asarray(self._decode(self.vae, self._state.z))
+        return np.round(np.clip(frame, 0.0, 1.0) * 255.0).astype(np.uint8)
+

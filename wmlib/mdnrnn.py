@@ -1,0 +1,311 @@
+"""M, the MDN-RNN (paper section 2.2 and appendix A.3): an LSTM that predicts the next latent.
+
+Each step reads [z_t, a_t] (z_dim + action_dim = 35 inputs), updates the LSTM state (h, c) (256
+units) and from the new h_{t+1} predicts
+  - P(z_{t+1} | z_t, a_t, h_t): for EACH of the z_dim latent dimensions independently, a mixture of
+    n_mix (5) one-dimensional Gaussians, as in the paper's code (the mixture is per dimension, not one
+    shared mixture of diagonal Gaussians): logits, mu and log sigma, each of shape (z_dim, n_mix);
+  - the reward r_t received for a_t (a scalar, regression);
+  - whether the episode ends after a_t (a logit).
+
+The LSTM is written out (gate order i, f, g, o as in PyTorch; forget-gate bias initialised to 1):
+    [i, f, g, o] = [z_t, a_t, h_t] W + b          W: (z_dim + action_dim + hidden, 4 hidden)
+    c_{t+1} = sigmoid(f) c_t + sigmoid(i) tanh(g),    h_{t+1} = sigmoid(o) tanh(c_{t+1})
+One linear head (h_{t+1} W_head + b_head) maps h_{t+1} to 3 * z_dim * n_mix + 2 numbers laid out as
+    [logits (z_dim*n_mix) | mu (z_dim*n_mix) | log sigma (z_dim*n_mix) | reward | done logit],
+each block row-major over (z_dim, n_mix). Weights are stored (inputs, outputs) so that under vmap
+every matmul is (batch, in) @ (in, out) and XLA needs no transposes in the dream's inner loop.
+
+Targets of step t: z_{t+1} (the next frame's latent), r_t and done_t (the reward and end flag that
+followed a_t). Sampling with temperature tau divides the logits by tau and scales sigma by sqrt(tau).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Iterable, Mapping, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jaxtyping import Array, Float
+
+from wmlib import checkpoint
+from wmlib.config import RNNConfig
+from wmlib.data import SequenceSampler
+from wmlib.train import fit, make_step
+
+LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+LSTMState = tuple[Float[Array, "hidden"], Float[Array, "hidden"]]
+
+
+class MDNOutputs(NamedTuple):
+    """What M predicts after one step; a sequence adds a leading time axis (T, ...)."""
+    logits: Float[Array, "... z_dim n_mix"]
+    mu: Float[Array, "... z_dim n_mix"]
+    log_sigma: Float[Array, "... z_dim n_mix"]
+    reward: Float[Array, "..."]
+    done_logit: Float[Array, "..."]
+
+
+class MDNRNN(eqx.Module):
+    """LSTM + per-dimension MDN head + reward and done heads, for ONE sequence (batch with vmap)."""
+
+    weight: Float[Array, "in_plus_h 4h"]
+    bias: Float[Array, "4h"]
+    head_weight: Float[Array, "hidden out"]
+    head_bias: Float[Array, "out"]
+    z_dim: int = eqx.field(static=True)
+    action_dim: int = eqx.field(static=True)
+    hidden: int = eqx.field(static=True)
+    n_mix: int = eqx.field(static=True)
+
+    def __init__(self, key: jax.Array, z_dim: int = 32, action_dim: int = 3, hidden: int = 256, n_mix: int = 5):
+        wkey, hkey = jax.random.split(key)
+        self.z_dim, self.action_dim, self.hidden, self.n_mix = z_dim, action_dim, hidden, n_mix
+        bound = 1.0 / math.sqrt(hidden)  # PyTorch's initialisation, for the LSTM and the head
+        self.weight = jax.random.uniform(wkey, (z_dim + action_dim + hidden, 4 * hidden),
+                                         minval=-bound, maxval=bound)
+        self.bias = jnp.zeros(4 * hidden).at[hidden:2 * hidden].set(1.0)  # forget gate open at start
+        self.head_weight = jax.random.uniform(hkey, (hidden, 3 * z_dim * n_mix + 2), minval=-bound, maxval=bound)
+        self.head_bias = jnp.zeros(3 * z_dim * n_mix + 2)
+
+    def initial_state(self) -> LSTMState:
+        """The zero LSTM state (h, c)."""
+        return jnp.zeros(self.hidden), jnp.zeros(self.hidden)
+
+    def _cell(self, gates: Float[Array, "4h"], c: Float[Array, "hidden"]) -> LSTMState:
+        i, f, g, o = jnp.split(gates, 4)
+        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+        return jax.nn.sigmoid(o) * jnp.tanh(c), c
+
+    def heads(self, h: Float[Array, "hidden"]) -> MDNOutputs:
+        """New hidden state h_{t+1} -> predictions for z_{t+1}, r_t and done_t."""
+        out = h @ self.head_weight + self.head_bias
+        n = self.z_dim * self.n_mix
+        mdn = out[:3 * n].reshape(3, self.z_dim, self.n_mix)
+        return MDNOutputs(mdn[0], mdn[1], mdn[2], out[3 * n], out[3 * n + 1])
+
+    def advance(self, state: LSTMState, z: Float[Array, "z_dim"], a: Float[Array, "action_dim"]) -> LSTMState:
+        """The LSTM update alone: (h_t, c_t), z_t, a_t -> (h_{t+1}, c_{t+1})."""
+        h, c = state
+        return self._cell(jnp.concatenate([z, a, h]) @ self.weight + self.bias, c)
+
+    def step(self, state: LSTMState, z: Float[Array, "z_dim"], a: Float[Array, "action_dim"]
+             ) -> tuple[LSTMState, MDNOutputs]:
+        """One step: (h_t, c_t), z_t, a_t -> (h_{t+1}, c_{t+1}), predictions."""
+        state = self.advance(state, z, a)
+        return state, self.heads(state[0])
+
+    def forward_sequence(self, z_seq: Float[Array, "T z_dim"], a_seq: Float[Array, "T action_dim"],
+                         state: LSTMState | None = None) -> MDNOutputs:
+        """Run over a sequence from `state` (default zeros) as one lax.scan -> outputs with a time axis.
+
+        The input projection and the heads are applied to all steps at once, outside the scan; only
+        the recurrent matmul stays inside it.
+        """
+        n_in = self.z_dim + self.action_dim
+        gates_x = jnp.concatenate([z_seq, a_seq], axis=-1) @ self.weight[:n_in] + self.bias
+        w_h = self.weight[n_in:]
+
+        def body(carry, gx):
+            h, c = self._cell(gx + carry[0] @ w_h, carry[1])
+            return (h, c), h
+
+        _, hs = jax.lax.scan(body, self.initial_state() if state is None else state, gates_x)
+        return jax.vmap(self.heads)(hs)
+
+
+def mdn_log_prob(out: MDNOutputs, z: Float[Array, "... z_dim"]) -> Float[Array, "... z_dim"]:
+    """log p(z) per latent dimension under the per-dimension mixtures in `out` (any leading axes)."""
+    log_sigma = out.log_sigma
+    x = (z[..., None] - out.mu) * jnp.exp(-log_sigma)
+    log_normal = -0.5 * x * x - log_sigma - LOG_SQRT_2PI
+    return jax.nn.logsumexp(jax.nn.log_softmax(out.logits, axis=-1) + log_normal, axis=-1)
+
+
+def sample_next_z(key: jax.Array, out: MDNOutputs, tau: float | Float[Array, ""] = 1.0
+                  ) -> Float[Array, "... z_dim"]:
+    """Draw z_{t+1} from the mixtures with temperature tau (logits / tau, sigma * sqrt(tau)).
+
+    Per latent dimension two uniform numbers: the first picks the component by walking the
+    mixture's cumulative weights (n_mix is small, so a running select beats a gather or n_mix
+    Gumbel draws), the second becomes the standard normal noise through the inverse error function.
+    """
+    n_mix = out.mu.shape[-1]
+    logits = [out.logits[..., k] / tau for k in range(n_mix)]  # slices: elementwise code, no reductions
+    top = functools.reduce(jnp.maximum, logits)
+    weight = [jnp.exp(lg - top) for lg in logits]  # unnormalised mixture weights
+    # uniforms on [2^-24, 1): 2u - 1 then lies symmetric inside (-1, 1), where erfinv is finite
+    u = jax.random.uniform(key, (2,) + out.mu.shape[:-1], minval=2.0 ** -24)
+    target = u[0] * functools.reduce(jnp.add, weight)
+    cum, mu, log_sigma = weight[0], out.mu[..., 0], out.log_sigma[..., 0]
+    for k in range(1, n_mix):
+        beyond = target >= cum  # the draw falls past components 0..k-1
+        mu = jnp.where(beyond, out.mu[..., k], mu)
+        log_sigma = jnp.where(beyond, out.log_sigma[..., k], log_sigma)
+        cum = cum + weight[k]
+    eps = math.sqrt(2.0) * jax.lax.erf_inv(2.0 * u[1] - 1.0)
+    return mu + jnp.exp(log_sigma) * jnp.sqrt(tau) * eps
+
+
+def _masked_mean(x: Array, mask: Array) -> Array:
+    return jnp.sum(jnp.where(mask > 0, x, 0.0)) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def mdnrnn_loss(model: MDNRNN, z_seq: Float[Array, "B T z_dim"], a_seq: Float[Array, "B T action_dim"],
+                z_next: Float[Array, "B T z_dim"], reward: Float[Array, "B T"], done: Float[Array, "B T"],
+                mask: Float[Array, "B T"], z_mask: Float[Array, "B T"] | None = None, *,
+                w_mdn: float = 1.0, w_reward: float = 10.0, w_done: float = 10.0,
+                reward_asymmetry: float = 1.0) -> tuple[Array, dict]:
+    """Loss of a batch of sequences -> (loss, {"nll", "reward_loss", "done_loss"}).
+
+    loss = w_mdn * NLL + w_reward * reward loss + w_done * done BCE (defaults 1 / 10 / 10), each a mean
+    over the valid steps (mask 1; padding 0). NLL is per step per latent dimension. The reward loss
+    is a squared error in which over-prediction (predicted > real) counts `reward_asymmetry` times
+    (1: plain MSE), so a dream that promises reward the real track would not give is penalised more.
+    `z_mask` (default `mask`) marks the steps whose next latent exists: the last step of an episode
+    has a reward and a done target but no next frame.
+    """
+    out = jax.vmap(model.forward_sequence)(z_seq, a_seq)
+    nll = _masked_mean(-jnp.mean(mdn_log_prob(out, z_next), axis=-1), mask if z_mask is None else z_mask)
+    err = out.reward - reward
+    reward_loss = _masked_mean(jnp.where(err > 0, reward_asymmetry, 1.0) * err * err, mask)
+    done_loss = _masked_mean(optax.sigmoid_binary_cross_entropy(out.done_logit, done), mask)
+    loss = w_mdn * nll + w_reward * reward_loss + w_done * done_loss
+    return loss, {"nll": nll, "reward_loss": reward_loss, "done_loss": done_loss}
+
+
+Batch = Mapping[str, Array]
+"""A batch of B episode windows of T steps, as `data.SequenceSampler.batch` makes it (a dict):
+mu, logvar (B, T+1, z_dim): V's posterior of frames t..t+T; action (B, T, action_dim): the action
+taken at each of the first T frames; reward, done (B, T): what followed each action; mask (B, T+1):
+1 where the frame exists (windows at an episode's end are zero-padded; pad with zeros, not NaN)."""
+
+
+def _sequences(batch: Batch, key: jax.Array | None):
+    """Batch -> the arguments of `mdnrnn_loss`; z drawn from N(mu, exp(logvar)) given a key, else mu."""
+    z = batch["mu"]
+    if key is not None:
+        z = z + jnp.exp(0.5 * batch["logvar"]) * jax.random.normal(key, z.shape)
+    mask = batch["mask"]
+    return (z[:, :-1], batch["action"], z[:, 1:], batch["reward"], batch["done"], mask[:, :-1],
+            mask[:, :-1] * mask[:, 1:])
+
+
+def make_loss_fn(cfg: RNNConfig = RNNConfig()):
+    """`loss_fn(model, batch, key) -> (loss, aux)` for `wmlib.train.fit`, with the weights of `cfg`.
+
+    Each call draws fresh z ~ N(mu, exp(logvar)) from `key` (the paper re-samples the training
+    latents every epoch; here every batch), so M learns from V's uncertainty, not only its means.
+    """
+    def loss_fn(model: MDNRNN, batch: Batch, key: jax.Array):
+        return mdnrnn_loss(model, *_sequences(batch, key), w_mdn=cfg.w_mdn, w_reward=cfg.w_reward,
+                           w_done=cfg.w_done, reward_asymmetry=cfg.reward_asymmetry)
+    return loss_fn
+
+
+def make_optimizer(cfg: RNNConfig = RNNConfig()) -> optax.GradientTransformation:
+    """Adam (1e-3) after clipping the global gradient norm (1.0)."""
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.adam(cfg.learning_rate))
+
+
+def make_train_step(optimizer: optax.GradientTransformation | None = None, cfg: RNNConfig = RNNConfig()):
+    """Jitted `step(model, opt_state, batch, key) -> (model, opt_state, loss, aux)`; the sequences of
+    the batch are vmapped through `forward_sequence`. Default optimiser: `make_optimizer(cfg)`."""
+    return make_step(make_loss_fn(cfg), make_optimizer(cfg) if optimizer is None else optimizer)
+
+
+@eqx.filter_jit
+def _metric_sums(model: MDNRNN, batch: Batch) -> dict:
+    z_seq, a_seq, z_next, reward, done, mask, z_mask = _sequences(batch, None)
+    out = jax.vmap(model.forward_sequence)(z_seq, a_seq)
+    on = mask > 0
+    r, p = jnp.where(on, reward, 0.0), jnp.where(on, out.reward, 0.0)
+    pred, real = on & (out.done_logit > 0.0), on & (done > 0.5)
+    return {"n": jnp.sum(mask), "n_z": jnp.sum(z_mask),
+            "nll": jnp.sum(jnp.where(z_mask > 0, -jnp.sum(mdn_log_prob(out, z_next), axis=-1), 0.0)),
+            "abs_err": jnp.sum(jnp.abs(p - r)), "r": jnp.sum(r), "p": jnp.sum(p), "rr": jnp.sum(r * r),
+            "pp": jnp.sum(p * p), "rp": jnp.sum(r * p), "tp": jnp.sum(pred & real),
+            "fp": jnp.sum(pred & ~real), "fn": jnp.sum(~pred & real)}
+
+
+def validation_metrics(model: MDNRNN, batches: Iterable[Batch]) -> dict:
+    """Held-out metrics over batches (inputs are V's means, no sampling):
+    nll_per_step (summed over latent dims), nll_per_dim, reward_mae, reward_corr (Pearson),
+    done_precision and done_recall (predicted done when sigmoid(logit) > 0.5; NaN when undefined).
+    """
+    s: dict[str, float] = {}
+    for batch in batches:
+        for k, v in _metric_sums(model, batch).items():
+            s[k] = s.get(k, 0.0) + float(v)
+    if not s or s["n"] == 0:
+        raise ValueError("validation_metrics got no valid steps (empty batches or all-zero masks)")
+    n, nz = s["n"], max(s["n_z"], 1.0)
+    cov = s["rp"] / n - s["r"] / n * s["p"] / n
+    var_r, var_p = s["rr"] / n - (s["r"] / n) ** 2, s["pp"] / n - (s["p"] / n) ** 2
+    ratio = lambda a, b: a / b if b > 0 else float("nan")  # noqa: E731
+    return {"nll_per_step": s["nll"] / nz, "nll_per_dim": s["nll"] / nz / model.z_dim,
+            "reward_mae": s["abs_err"] / n, "reward_corr": ratio(cov, math.sqrt(max(var_r * var_p, 0.0))),
+            "done_precision": ratio(s["tp"], s["tp"] + s["fp"]), "done_recall": ratio(s["tp"], s["tp"] + s["fn"])}
+
+
+def split_episodes(names: Iterable[str], n_val: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Episode names -> (train, validation), `n_val` episodes held out; an episode and its mirror
+    image ("NAME_mirror.npz") always land on the same side, so validation sees unseen tracks."""
+    groups: dict[str, list[str]] = {}
+    for name in sorted(names):
+        groups.setdefault(name.replace("_mirror", ""), []).append(name)
+    bases = sorted(groups)
+    n_val = min(n_val, len(bases) - 1)
+    picked = set(np.random.default_rng(seed).permutation(len(bases))[:max(n_val, 0)])
+    val = [n for i, b in enumerate(bases) if i in picked for n in groups[b]]
+    train = [n for i, b in enumerate(bases) if i not in picked for n in groups[b]]
+    return train, val
+
+
+def train_mdnrnn(encoded: dict[str, dict[str, np.ndarray]], run_dir: str | os.PathLike,
+                 cfg: RNNConfig = RNNConfig(), vae_id: str = "", init: MDNRNN | None = None,
+                 progress: bool = True) -> MDNRNN:
+    """Train M on V's encodings (`data.load_encoded`) with `train.fit`; writes RUN_DIR/mdnrnn.eqx.
+
+    `cfg.val_episodes` episodes (with their mirror images) are held out for `validation_metrics`,
+    logged after every epoch. `init` continues from an earlier M (the sim2real iterations); a
+    stopped run resumes from its training state. The checkpoint's extra records `vae_id`, the V
+    whose latents M learned.
+    """
+    if not encoded:
+        raise ValueError("train_mdnrnn got no encoded episodes; run the encode stage first")
+    train_names, val_names = split_episodes(encoded, cfg.val_episodes, cfg.seed)
+    sampler = SequenceSampler([encoded[n] for n in train_names], cfg.seq_len, cfg.batch_size, seed=cfg.seed)
+    val_batches = (SequenceSampler([encoded[n] for n in val_names], cfg.seq_len, cfg.batch_size).all_windows()
+                   if val_names else [])
+    z_dim = next(iter(encoded.values()))["mu"].shape[1]
+    model = init if init is not None else MDNRNN(jax.random.PRNGKey(cfg.seed), z_dim=z_dim, hidden=cfg.hidden,
+                                                 n_mix=cfg.n_mix)
+    if model.z_dim != z_dim:
+        raise ValueError(f"the initial M has z_dim {model.z_dim} but the encodings have z_dim {z_dim}")
+    return fit(model, make_optimizer(cfg), make_loss_fn(cfg), sampler.batch, cfg.epochs * sampler.batches_per_epoch,
+               run_dir, "mdnrnn", "mdnrnn", mdnrnn_hyper(model), seed=cfg.seed,
+               evaluate=(lambda m: validation_metrics(m, val_batches)) if val_batches else None,
+               eval_every=sampler.batches_per_epoch, extra={"vae_id": vae_id}, progress=progress)
+
+
+def mdnrnn_hyper(model: MDNRNN) -> dict:
+    """The header hyperparameters that rebuild `model` (also what `train.fit` wants as `hyper`)."""
+    return {"z_dim": model.z_dim, "action_dim": model.action_dim, "hidden": model.hidden, "n_mix": model.n_mix}
+
+
+def save_mdnrnn(path: str | os.PathLike, model: MDNRNN, extra: dict | None = None):
+    """Write an MDN-RNN checkpoint (kind "mdnrnn", hyper: z_dim, action_dim, hidden, n_mix)."""
+    return checkpoint.save(path, model, "mdnrnn", mdnrnn_hyper(model), extra)
+
+
+def load_mdnrnn(path: str | os.PathLike) -> tuple[MDNRNN, dict]:
+    """Read an MDN-RNN checkpoint -> (model, header)."""
+    return checkpoint.load(path, "mdnrnn", lambda h: MDNRNN(jax.random.PRNGKey(0), **h))
