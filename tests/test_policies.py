@@ -12,7 +12,6 @@ from wmlib.policies import (
     ControllerPolicy,
     RecoveryPolicy,
     make_policy,
-    squash_actions,
 )
 
 NAMES = ("random", "brownian", "heuristic", "recovery", "controller")
@@ -69,17 +68,6 @@ def test_registry_names_and_unknown_name_lists_them():
     assert "randm" in str(err.value)
 
 
-def test_squash_actions_matches_controller_ranges():
-    np.testing.assert_allclose(squash_actions(np.zeros(3)), [0.0, 0.5, 0.0])
-    np.testing.assert_allclose(squash_actions(np.full(3, 20.0)), [1.0, 1.0, 1.0])
-    np.testing.assert_allclose(squash_actions(np.full(3, -20.0)), [-1.0, 0.0, 0.0])
-    batch = squash_actions(np.random.default_rng(0).normal(0, 3, (7, 3)))
-    assert batch.shape == (7, 3)
-    np.testing.assert_allclose(batch[:, 0], np.tanh(np.random.default_rng(0).normal(0, 3, (7, 3))[:, 0]),
-                               rtol=1e-6)
-
-
-@pytest.mark.parametrize("name", NAMES)
 def test_actions_are_float32_in_the_action_space(env, name):
     actions, _, _ = run_episode(env, build(name), policy_seed=1, steps=50)
     assert actions.shape == (50, 3) and actions.dtype == np.float32

@@ -32,3 +32,33 @@ def test_png_round_trip():
     back = cv2.imdecode(np.frombuffer(viz.png_bytes(im), np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
     np.testing.assert_array_equal(back, im)
     assert viz.upscale(im, 3).shape == (24, 27, 3)
+
+
+def test_recon_panel_shows_error_where_they_differ():
+    frame = np.zeros((64, 64, 3), np.uint8)
+    recon = frame.copy()
+    recon[10:20, 30:40] = 200
+    panel = viz.recon_panel(frame, recon, scale=1)
+    assert panel.shape == (64, 64 * 3 + 8, 3)
+    err = panel[:, 64 * 2 + 8:]
+    assert (err[10:20, 30:40] == 255).all() and err[:10].max() == 0  # bright exactly where they differ
+
+
+def test_latent_sweep_sets_one_dimension_per_row():
+    seen = []
+
+    def decode(zs):
+        seen.append(np.array(zs))
+        return np.zeros((len(zs), 4, 4, 3), np.float32)
+
+    grid = viz.latent_sweep(decode, np.full(3, 0.5), dims=[2, 0], values=np.array([-1.0, 1.0]))
+    zs = seen[0]
+    np.testing.assert_array_equal(zs, [[0.5, 0.5, -1], [0.5, 0.5, 1], [-1, 0.5, 0.5], [1, 0.5, 0.5]])
+    assert grid.shape == (4 * 2 + 2, 4 * 2 + 2, 3)
+
+
+def test_kl_per_dim_matches_closed_form():
+    mu = np.array([[0.0, 1.0], [0.0, -1.0]])
+    logvar = np.array([[0.0, np.log(4.0)], [0.0, np.log(4.0)]])
+    # KL(N(m, s^2) || N(0, 1)) = (s^2 + m^2 - 1 - log s^2) / 2: dim 0 -> 0; dim 1 -> (4 + 1 - 1 - log 4) / 2
+    np.testing.assert_allclose(viz.kl_per_dim(mu, logvar), [0.0, (4 - np.log(4)) / 2])

@@ -26,7 +26,7 @@ def runs_dir() -> Path:
 class CollectConfig:
     """Real-environment data collection (paper: 10,000 random-policy rollouts)."""
     policies: tuple[str, ...] = ("brownian", "recovery", "heuristic", "random")
-    episodes_per_policy: int = 8
+    episodes_per_policy: int = 12
     max_steps: int = 1000
     seed: int = 0
     mirror: bool = True

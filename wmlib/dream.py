@@ -213,6 +213,49 @@ def population_returns(key: jax.Array, flat_params: Float[Array, "P n"], params:
     return jax.vmap(candidate)(flat_params)
 
 
+def start_from_frame(mdnrnn: MDNRNN, mu: Float[Array, "T z_dim"], actions: Float[Array, "T action_dim"],
+                     index: int, warmup: int = 32) -> DreamState:
+    """A dream that starts at real frame `index` of one encoded episode: z = V's mean of that frame,
+    M's LSTM warmed up on the (up to `warmup`) real (z, a) steps before it."""
+    h, c = mdnrnn.initial_state()
+    for t in range(max(0, index - warmup), index):
+        h, c = mdnrnn.advance((h, c), jnp.asarray(mu[t]), jnp.asarray(actions[t]))
+    false = jnp.zeros((), bool)
+    return DreamState(jnp.asarray(mu[index]), h, c, jnp.zeros((), jnp.int32), false, false)
+
+
+class DreamDrive(NamedTuple):
+    """A driven dream, step by step: latents z_0..z_T (T+1), actions, M's reward and done probability."""
+    z: Float[Array, "T1 z_dim"]
+    action: Float[Array, "T action_dim"]
+    reward: Float[Array, "T"]
+    done_prob: Float[Array, "T"]
+
+
+@eqx.filter_jit
+def drive(key: jax.Array, state: DreamState, mdnrnn: MDNRNN, tau: Float[Array, ""],
+          manual: Float[Array, "T action_dim"], use_controller: Bool[Array, "T"],
+          controller: Controller) -> DreamDrive:
+    """Dream T steps from `state`; at step t the action is C's (where use_controller[t]) or manual[t].
+
+    Step t draws its noise from fold_in(key, t), so the first k steps do not depend on what comes
+    after them: a player can extend or rewrite the future without changing the past. Episodes do not
+    freeze here (the player shows what M imagines even after it predicts the end; done_prob says so).
+    """
+    def body(carry, x):
+        (h, c), z = carry
+        t, a_manual, use_c = x
+        a = jnp.where(use_c, controller(z, h), a_manual)
+        (h, c), out = mdnrnn.step((h, c), z, a)
+        z_next = sample_next_z(jax.random.fold_in(key, t), out, tau)
+        return ((h, c), z_next), (z_next, a, out.reward, jax.nn.sigmoid(out.done_logit))
+
+    T = manual.shape[0]
+    _, (zs, actions, rewards, dones) = jax.lax.scan(
+        body, ((state.h, state.c), state.z), (jnp.arange(T), manual, use_controller))
+    return DreamDrive(jnp.concatenate([state.z[None], zs]), actions, rewards, dones)
+
+
 class DreamCarRacing(gym.Env):
     """The dream as a Gymnasium environment with CarRacing's action space.
 

@@ -20,25 +20,18 @@ in [-1, 1] (positive steers right), gas and brake in [0, 1].
 from __future__ import annotations
 
 import math
+import os
 
 import cv2
 import gymnasium as gym
+import jax.numpy as jnp
 import numpy as np
 
+from wmlib.controller import squash
 from wmlib.env import preprocess
 
 ACTION_LOW = np.array([-1.0, 0.0, 0.0], np.float32)
 ACTION_HIGH = np.array([1.0, 1.0, 1.0], np.float32)
-
-
-def squash_actions(a: np.ndarray) -> np.ndarray:
-    """Raw controller outputs (..., 3) -> actions, as the World Models controller squashes them.
-
-    steer = tanh(a0), gas = (tanh(a1) + 1) / 2, brake = clip(tanh(a2), 0, 1): a zero output means
-    straight ahead, half gas, no brake.
-    """
-    t = np.tanh(np.asarray(a, np.float32))
-    return np.stack([t[..., 0], (t[..., 1] + 1.0) / 2.0, np.clip(t[..., 2], 0.0, 1.0)], axis=-1)
 
 
 def _as_action(steer: float, gas: float, brake: float) -> np.ndarray:
@@ -96,7 +89,7 @@ class RandomPolicy(Policy):
 
     def act(self, obs: np.ndarray, env: gym.Env) -> np.ndarray:
         self._require_rng()
-        return squash_actions(self.weights @ self.features(obs)).astype(np.float32)
+        return np.asarray(squash(jnp.asarray(self.weights @ self.features(obs), jnp.float32)), np.float32)
 
 
 class BrownianPolicy(Policy):
@@ -319,17 +312,23 @@ class RecoveryPolicy(HeuristicPolicy):
 class ControllerPolicy(Policy):
     """A trained World-Models agent (V, M, C) behind the policy interface.
 
-    `agent` has `reset()` and `act(frame) -> (3,) action`, where frame is the 64x64x3 uint8 image
-    V sees; this wrapper only turns the raw observation into that frame. The agent is deterministic,
-    so `reset`'s generator is unused.
+    `agent` is an agent folder (vae.eqx, mdnrnn.eqx, controller.eqx; e.g. data/pretrained), or an
+    object with `reset()` and `act(frame) -> (3,) action` where frame is the 64x64x3 uint8 image V
+    sees. With `controller_params` (a flat vector) C comes from them instead of the folder's
+    controller.eqx — how CMA-ES scores candidates on real episodes. The agent is deterministic, so
+    `reset`'s generator is unused.
     """
 
     name = "controller"
 
-    def __init__(self, agent=None):
+    def __init__(self, agent=None, controller_params=None):
         if agent is None:
-            raise ValueError("policy 'controller' needs a trained agent: pass agent=... built from a "
-                             "directory of V, M and C checkpoints (e.g. data/pretrained)")
+            raise ValueError("policy 'controller' needs a trained agent: pass --agent DIR, a folder of V, M "
+                             "and C checkpoints (e.g. data/pretrained)")
+        if isinstance(agent, (str, os.PathLike)):
+            from wmlib.agent import Agent
+
+            agent = Agent.load(agent, None if controller_params is None else np.asarray(controller_params, np.float32))
         self.agent = agent
 
     def reset(self, rng: np.random.Generator) -> None:

@@ -48,6 +48,11 @@ def upscale(image: np.ndarray, factor: int) -> np.ndarray:
     return np.repeat(np.repeat(to_uint8(image), factor, axis=0), factor, axis=1)
 
 
+def panel_row(images: list[np.ndarray], scale: int = 3) -> np.ndarray:
+    """Frames enlarged `scale` times, side by side."""
+    return hstack([upscale(im, scale) for im in images], pad=4)
+
+
 def png_bytes(image: np.ndarray) -> bytes:
     """Encode an RGB image as PNG bytes (for ipywidgets.Image and files)."""
     import cv2
@@ -132,3 +137,50 @@ def kl_per_dim(mu: np.ndarray, logvar: np.ndarray) -> np.ndarray:
     Dimensions with KL near 0 carry no information (posterior = prior); V uses the others.
     """
     return np.mean(0.5 * (np.exp(logvar) + mu**2 - 1.0 - logvar), axis=0)
+
+
+# ---- M: dreams beside reality --------------------------------------------------------------------
+
+def fig_to_array(fig) -> np.ndarray:
+    """Render a matplotlib figure to an RGB uint8 array (and close it)."""
+    import matplotlib.pyplot as plt
+
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return image
+
+
+def reward_strip(real: np.ndarray, predicted: np.ndarray, t: int, width: float = 6.0) -> np.ndarray:
+    """A small plot of real vs predicted reward over an episode with a marker at step t (RGB array)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(width, 1.6), dpi=80)
+    ax.plot(real, lw=1, label="real reward")
+    ax.plot(predicted, lw=1, label="M's predicted reward")
+    ax.axvline(t, color="k", lw=1)
+    ax.set_xlim(0, max(len(real) - 1, 1))
+    ax.legend(fontsize=7, loc="upper right")
+    ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return fig_to_array(fig)
+
+
+def real_vs_dream(mdnrnn, decode, mu: np.ndarray, actions: np.ndarray, start: int, steps: int,
+                  key, tau: float = 1.0) -> dict[str, np.ndarray]:
+    """From real frame `start` of an encoded episode, let M dream `steps` steps with the REAL actions.
+
+    Returns the dream's decoded frames (steps+1, 64, 64, 3) uint8 and M's predicted rewards (steps,),
+    to put beside the real frames and rewards of the same stretch.
+    """
+    import jax.numpy as jnp
+
+    from wmlib.controller import Controller
+    from wmlib.dream import drive, start_from_frame
+
+    steps = min(steps, len(actions) - start)
+    state = start_from_frame(mdnrnn, mu, actions, start)
+    out = drive(key, state, mdnrnn, jnp.asarray(tau, jnp.float32), jnp.asarray(actions[start:start + steps]),
+                jnp.zeros(steps, bool), Controller(mdnrnn.z_dim, mdnrnn.hidden))
+    return {"frames": to_uint8(np.asarray(decode(out.z))), "reward": np.asarray(out.reward),
+            "done_prob": np.asarray(out.done_prob)}

@@ -97,3 +97,99 @@ class LatentScrubber(W.VBox):
         finally:
             self._quiet = False
         self.update()
+
+
+class DreamPlayer(W.VBox):
+    """Drive inside M's dream, decoded through V, as in the original article.
+
+    The dream starts from a real frame (M warmed up on the frames before it). Play (or the "step"
+    slider) moves through time; "tau" is the sampling temperature; "steer", "gas" and "brake" set the
+    action from the current step on; with a controller, "driver" switches between you and C. Every
+    change re-dreams the whole episode with the same random numbers, so the past stays put and only
+    what you changed (or tau) alters the course.
+    """
+
+    def __init__(self, mdnrnn, decode, mu: np.ndarray, actions: np.ndarray, controller=None, start: int = 0,
+                 max_steps: int = 200, seed: int = 0, scale: int = 4, interval_ms: int = 100):
+        import jax
+        import jax.numpy as jnp
+
+        from wmlib.controller import Controller
+        from wmlib.dream import drive, start_from_frame
+
+        self._drive, self._jnp = drive, jnp
+        self.mdnrnn, self.decode, self.scale = mdnrnn, decode, scale
+        self.controller = controller if controller is not None else Controller(mdnrnn.z_dim, mdnrnn.hidden)
+        self.state0 = start_from_frame(mdnrnn, mu, actions, start)
+        self.key = jax.random.PRNGKey(seed)
+        self.manual = np.tile(np.array([0.0, 0.3, 0.0], np.float32), (max_steps, 1))
+        self.use_controller = np.full(max_steps, controller is not None)
+        self.play = W.Play(value=0, min=0, max=max_steps, step=1, interval=interval_ms, description="play")
+        self.step = W.IntSlider(0, 0, max_steps, description="step")
+        W.jslink((self.play, "value"), (self.step, "value"))
+        self.tau = W.FloatSlider(1.0, min=0.05, max=2.0, step=0.05, description="tau")
+        self.steer = W.FloatSlider(0.0, min=-1, max=1, step=0.05, description="steer")
+        self.gas = W.FloatSlider(0.3, min=0, max=1, step=0.05, description="gas")
+        self.brake = W.FloatSlider(0.0, min=0, max=1, step=0.05, description="brake")
+        self.driver = W.ToggleButtons(options=["controller", "you"] if controller is not None else ["you"],
+                                      description="driver")
+        self.info = W.Label()
+        self.step.observe(lambda _: self.update(), "value")
+        self.tau.observe(lambda _: self.redream(), "value")
+        for w in (self.steer, self.gas, self.brake, self.driver):
+            w.observe(self._on_controls, "value")
+        self.redream(draw=False)
+        self.image = _image(self.render())
+        self._caption()
+        super().__init__([W.HBox([self.play, self.step]), W.HBox([self.image, W.VBox(
+            [self.driver, self.steer, self.gas, self.brake, self.tau, self.info])])])
+
+    def _on_controls(self, _) -> None:
+        t = self.step.value
+        self.manual[t:] = [self.steer.value, self.gas.value, self.brake.value]
+        self.use_controller[t:] = self.driver.value == "controller"
+        self.redream()
+
+    def redream(self, draw: bool = True) -> None:
+        jnp = self._jnp
+        self.traj = self._drive(self.key, self.state0, self.mdnrnn, jnp.asarray(self.tau.value, jnp.float32),
+                                jnp.asarray(self.manual), jnp.asarray(self.use_controller), self.controller)
+        if draw:
+            self.update()
+
+    def render(self) -> np.ndarray:
+        return viz.upscale(np.asarray(self.decode(np.asarray(self.traj.z[self.step.value])[None]))[0], self.scale)
+
+    def _caption(self) -> None:
+        t = self.step.value
+        reward = float(np.sum(np.asarray(self.traj.reward[:t])))
+        done = float(self.traj.done_prob[t - 1]) if t else 0.0
+        self.info.value = f"dream reward so far {reward:.1f}   P(done) {done:.2f}"
+
+    def update(self) -> None:
+        self.image.value = viz.png_bytes(self.render())
+        self._caption()
+
+
+class EpisodeScrubber(W.VBox):
+    """Step through a recorded episode: frame | V's reconstruction | M's prediction, and below it the
+    real reward beside the reward M predicted, with a marker at the current step ("step" slider)."""
+
+    def __init__(self, panels: dict[str, np.ndarray], rewards: np.ndarray, scale: int = 3):
+        self.panels, self.rewards, self.scale = panels, rewards, scale
+        self.step = W.IntSlider(0, 0, len(rewards) - 1, description="step")
+        self.image = _image(self.render_frames())
+        self.plot = _image(self.render_plot())
+        self.step.observe(lambda _: self.update(), "value")
+        super().__init__([self.step, W.Label("real frame | what V sees | what M predicted"), self.image, self.plot])
+
+    def render_frames(self) -> np.ndarray:
+        t = self.step.value
+        return viz.panel_row([self.panels["frame"][t], self.panels["recon"][t], self.panels["dream"][t]], self.scale)
+
+    def render_plot(self) -> np.ndarray:
+        return viz.reward_strip(self.rewards, self.panels["reward_pred"], self.step.value)
+
+    def update(self) -> None:
+        self.image.value = viz.png_bytes(self.render_frames())
+        self.plot.value = viz.png_bytes(self.render_plot())
