@@ -131,6 +131,13 @@ def cmd_pipeline(args) -> None:
                        fast=not args.stock))
 
 
+def backend_args(p) -> None:
+    p.add_argument("--backend", choices=["local", "ray"], default="local",
+                   help="run episodes on local processes or as Ray tasks (needs `uv sync --extra ray`)")
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster: auto, HOST:PORT, or omitted to start a local Ray instance")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wm", description="World Models (Ha & Schmidhuber, 2018) on CarRacing-v3")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mirror", action="store_true", help="also save each episode's left-right mirror image")
     p.add_argument("--stock", action="store_true", help="use the stock Gymnasium renderer, not the fast one")
     p.add_argument("--agent", default=None, help="agent folder (V, M, C checkpoints) for --policy controller")
+    backend_args(p)
     p.set_defaults(func=cmd_collect)
 
     def preset_arg(p):
@@ -153,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     def env_args(p):
         p.add_argument("--workers", type=_positive_int, default=None, help="worker processes (default: all cores)")
         p.add_argument("--stock", action="store_true", help="use the stock Gymnasium renderer, not the fast one")
+        backend_args(p)
 
     p = sub.add_parser("train-vae", help="train V on a collection (resumes from --out)")
     p.add_argument("--data", required=True, help="collection folder")
@@ -215,12 +224,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "backend", "local") == "ray":
+            from wmlib.rollouts import use_backend
+
+            use_backend("ray", args.ray_address)
         args.func(args)
     except KeyboardInterrupt:
         print(f"wm {args.command}: interrupted; finished work is saved, run the same command to resume",
               file=sys.stderr)
         return 130
-    except (ValueError, OSError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError, ConnectionError) as e:
         print(f"wm {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

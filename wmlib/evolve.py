@@ -121,6 +121,20 @@ def make_optimizer(name: str, x0: np.ndarray, sigma0: float, popsize: int, seed:
     return (PycmaES if name == "pycma" else EvosaxES)(x0, sigma0, popsize, seed)
 
 
+def cma_trace(f: Callable[[np.ndarray], float], x0, sigma0: float = 0.5, popsize: int = 8,
+              generations: int = 30, seed: int = 0) -> list[dict]:
+    """pycma on a small function `f` (to MINIMISE, like pycma), recording each generation's search
+    distribution N(mean, sigma^2 C) and its samples: for pictures of how CMA-ES moves and stretches."""
+    es = PycmaES(np.asarray(x0, np.float64), sigma0, popsize, seed)
+    trace = []
+    for _ in range(generations):
+        x = es.ask(None)
+        fx = np.array([f(xi) for xi in x])
+        trace.append({"mean": es.mean.copy(), "cov": es.sigma**2 * np.asarray(es.es.C), "samples": x, "f": fx})
+        es.tell(None, x, fx)
+    return trace
+
+
 @dataclass
 class EvolveResult:
     best_params: np.ndarray     # flat controller parameters with the best mean return seen

@@ -11,6 +11,7 @@ import multiprocessing as mp
 import os
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -74,13 +75,56 @@ def _collect_one(spec: EpisodeSpec, out: str, mirror: bool) -> dict:
     return ep.summary()
 
 
+BACKENDS = ("local", "ray")
+_backend = {"name": "local", "address": None}
+
+
+def use_backend(name: str = "local", address: str | None = None) -> None:
+    """Run episodes on local worker processes ("local") or as Ray tasks ("ray", on the cluster at
+    `address`: "auto" for a running cluster, "HOST:PORT", or None to start a local Ray instance).
+
+    Both give identical episodes and scores for the same seeds: an episode depends only on its spec.
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; valid: {', '.join(BACKENDS)}")
+    if name == "ray":
+        _connect_ray(address)
+    _backend.update(name=name, address=address)
+
+
+def _connect_ray(address: str | None) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise RuntimeError("--backend ray needs Ray: install it with `uv sync --extra ray` "
+                           "(or `pip install 'ray>=2.40'`)") from None
+    if ray.is_initialized():
+        return
+    if address not in (None, "auto"):
+        import socket
+
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=3).close()
+        except (OSError, ValueError) as e:
+            raise ConnectionError(f"cannot reach the Ray cluster at {address} ({e}); start it with "
+                                  "`ray start --head` on that machine or check the address") from None
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 **({} if address else {"num_cpus": default_workers()}))
+    except ConnectionError as e:
+        raise ConnectionError(f"cannot reach a Ray cluster at {address!r}: {e}") from None
+
+
 def parallel_map(fn: Callable, items: list, workers: int, desc: str = "episodes",
                  frames_of: Callable[[Any], int] | None = None, progress: bool = True
                  ) -> Iterator[tuple[Any, Any, BaseException | None]]:
-    """Run `fn(item)` for every item on `workers` processes; yield (item, result, error) as they finish.
+    """Run `fn(item)` for every item on the active backend; yield (item, result, error) as they finish.
 
-    A failing item does not stop the others: its exception is yielded in place of a result. The
-    progress bar counts items and, when `frames_of(result)` is given, environment frames per second.
+    Local: `workers` processes. Ray: one task per item on the cluster (`workers` is ignored; Ray
+    schedules by free CPUs). A failing item does not stop the others: its exception is yielded in
+    place of a result. An item whose worker process died is retried once. The progress bar counts
+    items and, when `frames_of(result)` is given, environment frames per second.
     """
     if workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers}")
@@ -96,24 +140,54 @@ def parallel_map(fn: Callable, items: list, workers: int, desc: str = "episodes"
         return item, result, error
 
     try:
-        if workers == 1 or len(items) <= 1:
-            for item in items:
-                try:
-                    result, error = fn(item), None
-                except Exception as e:  # reported with its item by the caller
-                    result, error = None, e
-                yield done(item, result, error)
-            return
-        with ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=mp.get_context("spawn")) as pool:
-            pending = {pool.submit(fn, item): item for item in items}
-            while pending:
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    item = pending.pop(fut)
-                    error = fut.exception()
-                    yield done(item, None if error else fut.result(), error)
+        if _backend["name"] == "ray":
+            runner = _run_ray(fn, items)
+        elif workers == 1 or len(items) <= 1:
+            runner = _run_inline(fn, items)
+        else:
+            runner = _run_processes(fn, items, workers)
+        for item, result, error in runner:
+            yield done(item, result, error)
     finally:
         bar.close()
+
+
+def _run_inline(fn, items):
+    for item in items:
+        try:
+            yield item, fn(item), None
+        except Exception as e:  # reported with its item by the caller
+            yield item, None, e
+
+
+def _run_processes(fn, items, workers, retry: bool = True):
+    died = []
+    with ProcessPoolExecutor(max_workers=min(workers, len(items)), mp_context=mp.get_context("spawn")) as pool:
+        pending = {pool.submit(fn, item): item for item in items}
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                item, error = pending.pop(fut), fut.exception()
+                if isinstance(error, BrokenProcessPool) and retry:
+                    died.append(item)  # its worker process died (crash, out of memory): once more
+                else:
+                    yield item, None if error else fut.result(), error
+    if died:
+        yield from _run_processes(fn, died, workers, retry=False)
+
+
+def _run_ray(fn, items):
+    import ray
+
+    task = ray.remote(num_cpus=1, max_retries=1, retry_exceptions=False)(fn)
+    pending = {task.remote(item): item for item in items}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        item = pending.pop(ready[0])
+        try:
+            yield item, ray.get(ready[0]), None
+        except Exception as e:  # a task's exception, or a worker that died twice
+            yield item, None, e
 
 
 def _is_complete(path: Path) -> bool:
