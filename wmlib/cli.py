@@ -6,6 +6,7 @@
     wm encode --data DIR --vae FILE                 every frame through V, for M
     wm train-rnn --data DIR --vae FILE --out DIR    M (notebook 03)
     wm evolve --agent DIR --data DIR --out DIR      C by CMA-ES in the dream (notebook 04)
+    wm evolve --agent DIR --where real --out DIR    C by CMA-ES on real episodes (the paper's setup)
     wm evaluate --agent DIR --episodes 100          real episodes, JSON result (notebook 05)
     wm iterate --run DIR                            one more sim2real iteration of a pipeline run
 
@@ -83,15 +84,28 @@ def cmd_train_rnn(args) -> None:
 def cmd_evolve(args) -> None:
     import dataclasses
 
-    from wmlib.pipeline import evolve_in_dream, vae_id_of
+    import numpy as np
+
+    from wmlib.pipeline import evolve_in_dream, evolve_in_real, vae_id_of
 
     cfg = _preset(args).evolve
     changes = {k: v for k, v in {"optimizer": args.optimizer, "generations": args.generations,
                                   "popsize": args.popsize, "tau": args.tau}.items() if v is not None}
     cfg = dataclasses.replace(cfg, **changes)
     agent = Path(args.agent)
-    result = evolve_in_dream(agent, Path(args.data), vae_id_of(agent / "vae.eqx"), Path(args.out), cfg,
-                             workers=args.workers, fast=not args.stock)
+    x0 = None
+    if args.init:
+        from wmlib.controller import load_controller, to_flat
+
+        x0 = np.asarray(to_flat(load_controller(args.init)[0]))
+    if args.where == "real":
+        result = evolve_in_real(agent, Path(args.out), cfg, max_steps=args.max_steps, x0=x0, workers=args.workers,
+                                fast=not args.stock)
+    else:
+        if not args.data:
+            raise ValueError("--data (an encoded collection to start dreams from) is needed with --where dream")
+        result = evolve_in_dream(agent, Path(args.data), vae_id_of(agent / "vae.eqx"), Path(args.out), cfg, x0=x0,
+                                 workers=args.workers, fast=not args.stock)
     print(json.dumps({"best_dream_return": result.best_return, "generations": result.generations,
                       "controller": str(Path(args.out) / "controller.eqx")}))
 
@@ -186,8 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evolve", help="evolve C with CMA-ES in M's dream (resumes from --out)")
     p.add_argument("--agent", required=True, help="folder with vae.eqx and mdnrnn.eqx")
-    p.add_argument("--data", required=True, help="encoded collection the dreams start from")
+    p.add_argument("--where", choices=["dream", "real"], default="dream",
+                   help="score candidates in M's dream (default) or on real CarRacing episodes")
+    p.add_argument("--data", default=None, help="encoded collection the dreams start from (--where dream)")
     p.add_argument("--out", required=True)
+    p.add_argument("--init", default=None, help="controller.eqx to start from (e.g. fine-tune a dream-trained C)")
+    p.add_argument("--max-steps", type=_positive_int, default=1000, help="real episode length (--where real)")
     p.add_argument("--optimizer", choices=["pycma", "evosax"], default=None)
     p.add_argument("--generations", type=_positive_int, default=None)
     p.add_argument("--popsize", type=int, default=None)

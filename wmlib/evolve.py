@@ -195,6 +195,8 @@ def evolve(fitness: Callable[[jax.Array, np.ndarray], np.ndarray], n_params: int
             record = {"stage": stage, "generation": g + 1, "best": float(mean_returns[i]),
                       "mean": float(mean_returns.mean()), "std": float(mean_returns.std()),
                       "best_so_far": best_return, "sigma": es.sigma, "fitness_s": fit_s}
+            if getattr(fitness, "frames", None) is not None:
+                record["real_frames"] = fitness.frames  # real environment frames this generation used
             if real_score is not None and cfg.real_every and (g + 1) % cfg.real_every == 0:
                 real = real_score(best_params)
                 record.update(real_mean=real["mean"], real_std=real["std"], real_episodes=len(real["scores"]))

@@ -1,0 +1,240 @@
+"""Real-environment evaluation of an agent, and the sim2real analysis of what M predicted.
+
+`evaluate` runs N real CarRacing-v3 episodes (episode i on env seed S+i) on worker processes, each
+worker driving with the jitted V -> M -> C step, and returns mean, std and every score. The analysis
+functions take a recorded real episode and ask: what did M expect here? Its predicted reward and
+done along the episode, how fast its open-loop predictions of z drift from what V saw (latent error
+vs horizon), and where on the track the car left the road.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wmlib.data import Episode, episode_name, save_episode
+from wmlib.mdnrnn import MDNRNN, MDNOutputs
+from wmlib.rollouts import EpisodeSpec, default_workers, parallel_map, run_episode
+
+TRACK_HALF_WIDTH = 40 / 6.0  # CarRacing's TRACK_WIDTH in world units (the road is +-this from the centre line)
+
+
+def _evaluate_one(args: tuple) -> dict:
+    """Worker: one real episode with the agent; saves it when asked; returns its summary."""
+    spec, save_dir = args
+    ep = run_episode(spec)
+    if save_dir:
+        save_episode(Path(save_dir) / episode_name("agent", spec.seed), ep)
+    return ep.summary()
+
+
+def evaluate(agent_dir: str | os.PathLike, episodes: int, seed: int = 0, workers: int | None = None,
+             max_steps: int = 1000, fast: bool = True, save_dir: str | os.PathLike | None = None,
+             controller_params: np.ndarray | None = None, keep_raw: bool = False, progress: bool = True) -> dict:
+    """Score the agent in `agent_dir` on `episodes` real episodes (env seeds seed..seed+episodes-1).
+
+    Returns {"mean", "std", "episodes", "seed", "scores", "failed"}; an episode whose worker crashed
+    is listed in "failed" with its seed and error, and the other episodes' scores are kept.
+    With `save_dir` the episodes are saved (for videos, filmstrips and the sim2real analysis), with
+    the raw 96x96 observations too when `keep_raw`.
+    """
+    from wmlib.agent import Agent, part_path
+
+    if episodes < 1:
+        raise ValueError(f"--episodes must be a positive integer, got {episodes}")
+    for part in ("V", "M") + (() if controller_params is not None else ("C",)):
+        part_path(agent_dir, part)
+    Agent.load(agent_dir, controller_params)  # V, M and C must fit together: fail here, not in a worker
+    kwargs = {"agent": str(agent_dir)}
+    if controller_params is not None:
+        kwargs["controller_params"] = np.asarray(controller_params, np.float32).tolist()
+    specs = [(EpisodeSpec("controller", seed + i, max_steps, fast, kwargs, keep_raw), str(save_dir) if save_dir else None)
+             for i in range(episodes)]
+    scores, failed = {}, []
+    for (spec, _), result, error in parallel_map(_evaluate_one, specs, workers or default_workers(),
+                                                 desc="evaluate", frames_of=lambda r: r["steps"], progress=progress):
+        if error is None:
+            scores[spec.seed] = result["return"]
+        else:
+            failed.append({"seed": spec.seed, "error": f"{type(error).__name__}: {error}"})
+    values = [scores[s] for s in sorted(scores)]
+    return {"mean": float(np.mean(values)) if values else float("nan"),
+            "std": float(np.std(values)) if values else float("nan"), "episodes": episodes, "seed": seed,
+            "scores": values, "failed": failed}
+
+
+class RealFitness:
+    """CMA-ES fitness on REAL episodes (the paper's original CarRacing setup): every candidate
+    controller drives `repeats` real episodes, spread over the backend's workers.
+
+    All candidates of a generation drive the same tracks (env seeds drawn from the generation's key:
+    common random numbers, and a resumed run repeats them). `frames` counts the real frames of the
+    last call, which `evolve` logs.
+    """
+
+    def __init__(self, agent_dir: str | os.PathLike, repeats: int, max_steps: int = 1000,
+                 workers: int | None = None, fast: bool = True):
+        from wmlib.agent import part_path
+
+        for part in ("V", "M"):
+            part_path(agent_dir, part)
+        self.agent_dir, self.repeats, self.max_steps = str(agent_dir), repeats, max_steps
+        self.workers, self.fast, self.frames = workers or default_workers(), fast, 0
+
+    def __call__(self, key: jax.Array, solutions: np.ndarray) -> np.ndarray:
+        base = int(jax.random.randint(key, (), 0, 2**30))
+        items = {}
+        for p, vec in enumerate(np.asarray(solutions, np.float32)):
+            kwargs = {"agent": self.agent_dir, "controller_params": vec.tolist()}
+            for r in range(self.repeats):
+                items[(p, r)] = (EpisodeSpec("controller", base + r, self.max_steps, self.fast, kwargs), None)
+        returns = np.zeros((len(solutions), self.repeats))
+        self.frames, index = 0, {id(v): k for k, v in items.items()}
+        for item, result, error in parallel_map(_evaluate_one, list(items.values()), self.workers,
+                                                desc="real episodes", progress=False):
+            p, r = index[id(item)]
+            if error is not None:
+                raise RuntimeError(f"real episode of candidate {p} on env seed {base + r} failed: {error}")
+            returns[p, r] = result["return"]
+            self.frames += result["steps"]
+        return returns
+
+
+# ---- what M predicted along a real episode ------------------------------------------------------
+
+def mixture_mean(out: MDNOutputs) -> jax.Array:
+    """The mean of M's per-dimension mixtures: sum_k softmax(logits)_k mu_k -> (..., z_dim)."""
+    return jnp.sum(jax.nn.softmax(out.logits, axis=-1) * out.mu, axis=-1)
+
+
+@eqx.filter_jit
+def _predict(vae, mdnrnn: MDNRNN, frames: jax.Array, actions: jax.Array):
+    z, _ = jax.vmap(vae.encode)(frames.astype(jnp.float32) / 255.0)
+    out = mdnrnn.forward_sequence(z, actions)
+    return z, out.reward, jax.nn.sigmoid(out.done_logit), mixture_mean(out)
+
+
+def predict_along_episode(vae, mdnrnn: MDNRNN, ep: Episode) -> dict[str, np.ndarray]:
+    """V and M watching a real episode, exactly as the agent does (z = V's mean, h from real z, a).
+
+    Returns z (T, z_dim), reward_pred and done_prob (T,) for the step after each action, and z_pred
+    (T, z_dim): M's expected next latent (so z_pred[t] should match z[t+1]).
+    """
+    z, reward, done, z_pred = _predict(vae, mdnrnn, jnp.asarray(ep.frames), jnp.asarray(ep.actions))
+    return {"z": np.asarray(z), "reward_pred": np.asarray(reward), "done_prob": np.asarray(done),
+            "z_pred": np.asarray(z_pred)}
+
+
+@eqx.filter_jit
+def _open_loop(mdnrnn: MDNRNN, z: jax.Array, actions: jax.Array, starts: jax.Array, horizon: int):
+    hs = _states_along(mdnrnn, z, actions)
+
+    def one(s):
+        def body(carry, k):
+            state, z_hat = carry
+            state, out = mdnrnn.step(state, z_hat, actions[s + k])
+            z_next = mixture_mean(out)
+            return (state, z_next), jnp.mean((z_next - z[s + k + 1]) ** 2)
+        _, err = jax.lax.scan(body, ((hs[0][s], hs[1][s]), z[s]), jnp.arange(horizon))
+        return err
+
+    return jax.vmap(one)(starts)
+
+
+def _states_along(mdnrnn: MDNRNN, z, actions):
+    """M's LSTM state before each step t, having watched the real (z, a) of steps < t."""
+    def body(state, x):
+        new = mdnrnn.advance(state, *x)
+        return new, state
+    _, states = jax.lax.scan(body, mdnrnn.initial_state(), (z, actions))
+    return states
+
+
+def latent_error_vs_horizon(mdnrnn: MDNRNN, z: np.ndarray, actions: np.ndarray, horizon: int = 20,
+                            every: int = 10) -> np.ndarray:
+    """Mean squared error between M's open-loop prediction and V's real z, k = 1..horizon steps ahead.
+
+    From every `every`-th step, M is warmed up on the real past, then fed its own predictions (mixture
+    means) and the real actions. Returns (horizon,) errors averaged over the starting points.
+    """
+    starts = np.arange(0, len(z) - horizon - 1, every)
+    if not len(starts):
+        raise ValueError(f"episode of {len(z)} steps is too short for horizon {horizon}")
+    err = _open_loop(mdnrnn, jnp.asarray(z), jnp.asarray(actions), jnp.asarray(starts), horizon)
+    return np.asarray(err).mean(axis=0)
+
+
+def offroad_steps(car_xy: np.ndarray, track_xy: np.ndarray) -> np.ndarray:
+    """(T,) bool: the car's centre is farther from the track's centre line than the road's half width."""
+    d2 = ((car_xy[:, None, :] - track_xy[None, :, :]) ** 2).sum(-1).min(axis=1)
+    return np.sqrt(d2) > TRACK_HALF_WIDTH
+
+
+def track_of_seed(seed: int) -> np.ndarray:
+    """The centre line (N, 2) of the track that env seed `seed` generates (the real track, no driving)."""
+    from wmlib.env import make_env
+
+    env = make_env()
+    env.reset(seed=seed)
+    track = np.array([(x, y) for _, _, x, y in env.unwrapped.track], np.float32)
+    env.close()
+    return track
+
+
+def worst_moment(rewards: np.ndarray, window: int = 50) -> int:
+    """The centre of the `window`-step stretch with the least reward (off the road, no new tiles)."""
+    if len(rewards) <= window:
+        return len(rewards) // 2
+    sums = np.convolve(rewards, np.ones(window), mode="valid")
+    return int(np.argmin(sums)) + window // 2
+
+
+@eqx.filter_jit
+def _decode_all(vae, z: jax.Array) -> jax.Array:
+    return jax.vmap(vae.decode)(z)
+
+
+def episode_panels(vae, mdnrnn: MDNRNN, ep: Episode) -> dict[str, np.ndarray]:
+    """Per step, what the agent saw and expected: the frame, V's reconstruction, and M's prediction of
+    this frame made one step earlier (decoded), each (T, 64, 64, 3) uint8, plus the predictions."""
+    from wmlib.viz import to_uint8
+
+    pred = predict_along_episode(vae, mdnrnn, ep)
+    recon = to_uint8(np.asarray(_decode_all(vae, jnp.asarray(pred["z"]))))
+    dream_next = to_uint8(np.asarray(_decode_all(vae, jnp.asarray(pred["z_pred"]))))
+    dream = np.concatenate([recon[:1], dream_next[:-1]])  # M's guess for frame t, made at t-1
+    return {"frame": ep.frames, "recon": recon, "dream": dream, **pred}
+
+
+def write_media(agent_dir: str | os.PathLike, episodes_dir: str | os.PathLike,
+                video_dir: str | os.PathLike | None = None, filmstrip: bool = False) -> list[Path]:
+    """mp4 per episode (raw frame | what V sees | M's prediction) and/or a PNG filmstrip around the
+    worst moment, for every agent episode saved in `episodes_dir`. Returns the files written."""
+    from wmlib.agent import Agent
+    from wmlib.data import episode_files, load_episode
+    from wmlib.files import atomic_write
+    from wmlib.viz import agent_video_frame, filmstrip_rows, png_bytes, write_mp4
+
+    agent = Agent.load(agent_dir)
+    written = []
+    for path in episode_files(episodes_dir):
+        ep = load_episode(path)
+        panels = episode_panels(agent.vae, agent.mdnrnn, ep)
+        if video_dir:
+            raw = ep.info.get("raw")
+            frames = [agent_video_frame(raw[t] if raw is not None else ep.frames[t], panels["recon"][t],
+                                        panels["dream"][t]) for t in range(len(ep))]
+            written.append(write_mp4(Path(video_dir) / f"{path.stem}.mp4", frames))
+        if filmstrip:
+            t = worst_moment(ep.rewards)
+            image = filmstrip_rows([panels["frame"], panels["recon"], panels["dream"]], t - 40, t + 40, n=9)
+            target = Path(episodes_dir) / f"{path.stem}_worst.png"
+            with atomic_write(target) as f:
+                f.write(png_bytes(image))
+            written.append(target)
+    return written
