@@ -70,7 +70,7 @@ class LatentScrubber(W.VBox):
         self.random.on_click(lambda _: self.set_z(self.rng.standard_normal(len(self.z)).astype(np.float32)))
         self.reset.on_click(lambda _: self.set_z(np.zeros_like(self.z)))
         self.image = _image(self.render())
-        super().__init__([W.HBox([self.image, W.VBox(self.sliders)]),
+        super().__init__([W.HBox([self.image, W.VBox(self.sliders)], layout=W.Layout(align_items="flex-start")),
                           W.HBox([self.frame, self.from_frame, self.random, self.reset])])
 
     def render(self) -> np.ndarray:
