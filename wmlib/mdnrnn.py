@@ -309,3 +309,43 @@ def save_mdnrnn(path: str | os.PathLike, model: MDNRNN, extra: dict | None = Non
 def load_mdnrnn(path: str | os.PathLike) -> tuple[MDNRNN, dict]:
     """Read an MDN-RNN checkpoint -> (model, header)."""
     return checkpoint.load(path, "mdnrnn", lambda h: MDNRNN(jax.random.PRNGKey(0), **h))
+
+
+# ---- a 1-D mixture density network, for teaching -------------------------------------------------
+
+class ToyMDN(eqx.Module):
+    """x (scalar) -> a mixture of n_mix Gaussians over y (scalar), with M's own head layout and NLL.
+
+    With n_mix = 1 it is ordinary regression with a Gaussian likelihood (its mean is the least-squares
+    fit); with more components it can represent a y that has several likely values for one x.
+    """
+    mlp: eqx.nn.MLP
+    n_mix: int = eqx.field(static=True)
+
+    def __init__(self, key: jax.Array, n_mix: int = 5, width: int = 32):
+        self.n_mix = n_mix
+        self.mlp = eqx.nn.MLP(1, 3 * n_mix, width, 2, activation=jnp.tanh, key=key)
+
+    def __call__(self, x: Float[Array, ""]) -> MDNOutputs:
+        out = self.mlp(jnp.reshape(x, (1,))).reshape(3, 1, self.n_mix)
+        return MDNOutputs(out[0], out[1], out[2], jnp.zeros(()), jnp.zeros(()))
+
+
+def fit_toy_mdn(x: np.ndarray, y: np.ndarray, n_mix: int = 5, steps: int = 2000, seed: int = 0,
+                learning_rate: float = 1e-2) -> tuple[ToyMDN, list[float]]:
+    """Fit a ToyMDN to points (x, y) by minimising the mixture NLL (full batch Adam) -> (model, losses)."""
+    def loss_fn(model, batch, key):
+        xs, ys = batch
+        nll = -jnp.mean(mdn_log_prob(jax.vmap(model)(xs), ys[:, None]))
+        return nll, {}
+
+    model = ToyMDN(jax.random.PRNGKey(seed), n_mix)
+    optimizer = optax.adam(learning_rate)
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    step = make_step(loss_fn, optimizer)
+    batch = (jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
+    losses = []
+    for i in range(steps):
+        model, opt_state, loss, _ = step(model, opt_state, batch, None)
+        losses.append(float(loss))
+    return model, losses

@@ -21,9 +21,8 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from wmlib import checkpoint
 from wmlib.config import Preset
-from wmlib.data import episode_files, load_encoded, read_manifest
+from wmlib.data import load_encoded, read_manifest
 from wmlib.files import read_jsonl, write_json
 
 DATA_SEED_STRIDE = 100_000  # policy k / iteration i collect on env seeds base + stride * (k or i)
@@ -43,7 +42,7 @@ class Stages:
         print(f"[{name}]")
         t = time.perf_counter()
         result = fn(*args, **kwargs)
-        self.done[name] = {"wall_s": time.perf_counter() - t}
+        self.done[name] = {"wall_s": time.perf_counter() - t, "order": len(self.done)}
         write_json(self.path, self.done)
         return result
 
@@ -53,6 +52,21 @@ def vae_id_of(path: str | os.PathLike) -> str:
     import hashlib
 
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+
+
+def matching_vae(mdnrnn_path: str | os.PathLike, *folders: str | os.PathLike) -> Path:
+    """The V that M at `mdnrnn_path` was trained with: the first FOLDER/vae.eqx (then the shipped one)
+    whose id matches the one recorded in M's checkpoint. M only understands its own V's latents."""
+    from wmlib.checkpoint import read_header
+    from wmlib.config import PRETRAINED_DIR
+
+    wanted = read_header(mdnrnn_path)["extra"].get("vae_id")
+    candidates = [Path(f) / "vae.eqx" for f in folders] + [PRETRAINED_DIR / "vae.eqx"]
+    for path in candidates:
+        if path.is_file() and vae_id_of(path) == wanted:
+            return path
+    raise FileNotFoundError(f"none of {', '.join(map(str, candidates))} is the V ({wanted}) that "
+                            f"{mdnrnn_path} was trained with")
 
 
 def assemble_agent(folder: Path, vae: Path, mdnrnn: Path, controller: Path | None = None) -> Path:
@@ -186,10 +200,11 @@ def iterate(run_dir: Path, i: int, preset: Preset, stages: Stages, workers: int 
     stages.run(f"iter_{i}/evaluate", evaluate_agent, agent, preset, it / "eval.json", workers, fast)
 
 
-def summary(run_dir: Path) -> list[dict]:
-    """One row per agent of the run: real mean +- std, best dream score, real frames used so far."""
+def summary(run_dir: Path) -> tuple[list[dict], dict]:
+    """One row per agent of the run (real mean +- std, best dream score, real frames collected), and the
+    stages' wall times."""
     stages = json.loads((run_dir / "stages.json").read_text())
-    rows, frames = [], 0
+    rows = []
     for name, folder in [("initial", run_dir)] + [(p.name, p) for p in sorted(run_dir.glob("iter_*"))]:
         if not (folder / "eval.json").exists():
             continue
@@ -211,7 +226,8 @@ def format_summary(rows: list[dict], stages: dict) -> str:
                      f"      {r['dream_best']:8.1f}")
     if rows:
         lines.append(f"real frames collected for training: {rows[-1]['data_frames_total']}")
-    lines.append("wall time per stage: " + ", ".join(f"{k} {v['wall_s']:.0f}s" for k, v in stages.items()))
+    ordered = sorted(stages.items(), key=lambda kv: kv[1].get("order", 0))
+    lines.append("wall time per stage: " + ", ".join(f"{k} {v['wall_s']:.0f}s" for k, v in ordered))
     lines.append(f"total: {sum(v['wall_s'] for v in stages.values()) / 60:.1f} min")
     return "\n".join(lines)
 

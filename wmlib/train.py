@@ -54,11 +54,13 @@ def _train_state_path(run_dir: Path, name: str) -> Path:
 def fit(model: eqx.Module, optimizer: optax.GradientTransformation, loss_fn: Callable,
         batch_fn: Callable[[int], Any], steps: int, run_dir: str | os.PathLike, name: str, kind: str,
         hyper: dict, seed: int = 0, evaluate: Callable[[eqx.Module], dict] | None = None,
-        eval_every: int = 500, log_every: int = 10, extra: dict | None = None, progress: bool = True
-        ) -> eqx.Module:
+        eval_every: int = 500, log_every: int = 10, extra: dict | None = None, progress: bool = True,
+        step_fn: Callable | None = None) -> eqx.Module:
     """Train `model` for `steps` steps (resuming from `run_dir` if a previous run stopped early).
 
-    `batch_fn(i)` returns batch number i (so a resumed run sees the same batches); `evaluate(model)`
+    `batch_fn(i)` returns batch number i (so a resumed run sees the same batches); `step_fn`, when a
+    model brings its own jitted step (same signature as `make_step`'s), replaces the generic one built
+    from `loss_fn` and `optimizer` (which still initialises the optimiser state); `evaluate(model)`
     returns validation metrics, logged every `eval_every` steps and at the end, when the model and
     training state are checkpointed too. Returns the trained model.
     """
@@ -74,7 +76,7 @@ def fit(model: eqx.Module, optimizer: optax.GradientTransformation, loss_fn: Cal
         kept = [r for r in read_jsonl(metrics_path) if r.get("stage") != name or r.get("step", 0) <= start]
         with atomic_write(metrics_path, "w") as f:
             f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in kept)
-    step_fn = make_step(loss_fn, optimizer)
+    step_fn = step_fn or make_step(loss_fn, optimizer)
     base_key = jax.random.PRNGKey(seed)
 
     def save(at: int) -> None:
