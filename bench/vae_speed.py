@@ -4,10 +4,11 @@ Times `wmlib.vae.make_train_step` on a batch of random uint8 frames (paper batch
 PyTorch is importable, the same model in PyTorch in the same process: the paper's ConvVAE with the
 same layers, the same loss (sum of squared errors + KL clipped below at 0.5 * z_dim, batch mean),
 Adam 1e-4, started from the same weights (copied from the JAX model; the script checks that both
-give the same mu on a batch). PyTorch uses as many threads as the machine has cores; XLA uses them
-all by default. Compilation and warm-up steps are excluded. The two are timed in alternating rounds
-of `--steps` steps (the first of each round in alternating order), so a busy neighbour slows both;
-the headline is the best round of each (closest to an idle machine), the medians are printed too.
+compute the same encoder and decoder outputs). PyTorch uses as many threads as the process has
+cores (`taskset -c 0 ...` compares one core each); XLA uses them all by default. Compilation and
+warm-up steps are excluded. The two are timed in alternating rounds of `--steps` steps (the first
+of each round in alternating order), so a busy neighbour slows both; the headline is the best round
+of each (closest to an idle machine), the medians are printed too.
 
     uv run python bench/vae_speed.py
     PYTHONPATH=/tmp/torchlib uv run python bench/vae_speed.py    # torch installed outside the project:
@@ -55,7 +56,7 @@ def torch_runner(vae: ConvVAE, frames: np.ndarray):
         return None
     import torch.nn.functional as F
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use
     t = lambda a: torch.tensor(np.asarray(a))  # noqa: E731
     enc = [(t(c.weight).permute(3, 2, 0, 1).contiguous(), t(c.bias)) for c in vae.encoder]  # HWIO -> OIHW
     dec = [(t(c.weight).permute(0, 3, 1, 2).contiguous(), t(c.bias)) for c in vae.decoder]  # (I,k,k,O) -> IOHW
@@ -118,7 +119,8 @@ def main() -> None:
     runners = {"jax": jax_runner(vae, frames)}
     if not args.no_torch and (torch_run := torch_runner(vae, frames)) is not None:
         runners["torch"] = torch_run
-    print(f"{jax.devices()[0]}, {os.cpu_count()} cores; batch {args.batch}; {', '.join(runners)}", flush=True)
+    cores = len(os.sched_getaffinity(0))
+    print(f"{jax.devices()[0]}, {cores} cores; batch {args.batch}; {', '.join(runners)}", flush=True)
     for name, run in runners.items():
         t0 = time.perf_counter()
         for _ in range(3):

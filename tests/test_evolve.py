@@ -67,7 +67,7 @@ def test_real_score_is_logged_beside_dream_score(tmp_path):
 
 
 def test_bad_input(tmp_path):
-    with pytest.raises(ValueError, match="at least 2"):
+    with pytest.raises(ValueError, match="at least 3 for pycma"):
         evolve(toy_fitness, N, cfg(popsize=1), tmp_path, z_dim=Z, hidden=H, progress=False)
     with pytest.raises(ValueError, match="tau must be >= 0"):
         evolve(toy_fitness, N, cfg(tau=-1.0), tmp_path, z_dim=Z, hidden=H, progress=False)

@@ -54,10 +54,16 @@ def cmd_train_vae(args) -> None:
 
     from wmlib.vae import train_vae
 
+    from wmlib.files import read_jsonl
+
     cfg = _preset(args).vae
     if args.steps:
         cfg = dataclasses.replace(cfg, steps=args.steps)
     train_vae(args.data, args.out, cfg)
+    val = [r for r in read_jsonl(Path(args.out) / "metrics.jsonl") if "val_pixel_mse" in r]
+    if val:  # the quality bar: held-out MSE against always predicting the mean frame
+        mse, base = val[-1]["val_pixel_mse"], val[-1]["val_mean_frame_mse"]
+        print(json.dumps({"step": val[-1]["step"], "val_pixel_mse": mse, "mean_frame_mse": base, "ratio": mse / base}))
 
 
 def cmd_encode(args) -> None:
@@ -106,7 +112,7 @@ def cmd_evolve(args) -> None:
             raise ValueError("--data (an encoded collection to start dreams from) is needed with --where dream")
         result = evolve_in_dream(agent, Path(args.data), vae_id_of(agent / "vae.eqx"), Path(args.out), cfg, x0=x0,
                                  workers=args.workers, fast=not args.stock)
-    print(json.dumps({"best_dream_return": result.best_return, "generations": result.generations,
+    print(json.dumps({"best_return": result.best_return, "where": args.where, "generations": result.generations,
                       "controller": str(Path(args.out) / "controller.eqx")}))
 
 

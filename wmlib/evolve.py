@@ -51,7 +51,10 @@ class PycmaES:
         self.es = cma.CMAEvolutionStrategy(
             np.asarray(x0, np.float64), sigma0,
             {"popsize": popsize, "seed": seed + 1, "verbose": -9,
-             "randn": lambda *shape: self._rng.standard_normal(shape)})
+             "randn": lambda *shape: self._rng.standard_normal(shape),
+             # pycma mirrors samples when popsize < 6, and with equal fitness values its bookkeeping
+             # of mirrored directions breaks ("unused injected direction"): off (so popsize >= 3).
+             "CMA_mirrors": 0})
         self.history: list[np.ndarray] = []  # losses told, one (P,) array per generation
 
     def ask(self, key: jax.Array) -> np.ndarray:
@@ -116,8 +119,9 @@ class EvosaxES:
 def make_optimizer(name: str, x0: np.ndarray, sigma0: float, popsize: int, seed: int):
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
-    if popsize < 2:
-        raise ValueError(f"population size must be at least 2, got {popsize}")
+    if popsize < 2 or (name == "pycma" and popsize < 3):
+        raise ValueError(f"population size must be at least {3 if name == 'pycma' else 2} for {name}, "
+                         f"got {popsize}")
     return (PycmaES if name == "pycma" else EvosaxES)(x0, sigma0, popsize, seed)
 
 

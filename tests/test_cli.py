@@ -1,0 +1,102 @@
+"""The `wm` command end to end, run as users run it (a subprocess), at tiny sizes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wmlib.config import PRETRAINED_DIR
+from wmlib.data import episode_files, load_episode
+
+ENV = {**os.environ, "WM_PRESET": "smoke"}
+
+
+def wm(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "wmlib.cli", *map(str, args)], capture_output=True, text=True,
+                          env=ENV, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"wm {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def last_json(proc):
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_collect_writes_resumes_and_is_reproducible(tmp_path):
+    args = ["collect", "--policy", "brownian", "--episodes", 4, "--max-steps", 100, "--workers", 2, "--seed", 0]
+    out = last_json(wm(*args, "--out", tmp_path / "a"))
+    assert out["episodes"] == 4 and out["frames"] == sum(len(load_episode(p)) for p in episode_files(tmp_path / "a"))
+    files = episode_files(tmp_path / "a")
+    stamps = [p.stat().st_mtime_ns for p in files]
+    wm(*args, "--out", tmp_path / "a")  # again: nothing new is written
+    assert [p.stat().st_mtime_ns for p in episode_files(tmp_path / "a")] == stamps
+    wm(*args, "--out", tmp_path / "b", "--stock")  # same seed, stock renderer: byte-identical frames
+    for a, b in zip(files, episode_files(tmp_path / "b")):
+        np.testing.assert_array_equal(load_episode(a).frames, load_episode(b).frames)
+
+
+def test_collect_bad_input_is_one_clear_line(tmp_path):
+    proc = wm("collect", "--policy", "randm", "--out", tmp_path, check=False)
+    assert proc.returncode != 0 and "valid policies: random, brownian, heuristic, recovery, controller" in proc.stderr
+    for flag in ("--episodes", "--workers"):
+        proc = wm("collect", flag, 0, "--out", tmp_path, check=False)
+        assert proc.returncode != 0 and "expected a positive integer, got 0" in proc.stderr
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    proc = wm("collect", "--episodes", 1, "--out", afile, check=False)
+    assert proc.returncode == 2 and f"{afile} is a file" in proc.stderr and "Traceback" not in proc.stderr
+    proc = wm("collect", "--policy", "controller", "--episodes", 1, "--out", tmp_path / "c", check=False)
+    assert proc.returncode == 2 and "needs a trained agent" in proc.stderr
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_collect_unwritable_folder(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    proc = wm("collect", "--episodes", 1, "--out", ro / "x", check=False)
+    assert proc.returncode == 2 and "cannot create" in proc.stderr
+
+
+def test_evaluate_prints_the_json_line_and_names_missing_parts(tmp_path):
+    result = last_json(wm("evaluate", "--agent", PRETRAINED_DIR, "--episodes", 2, "--seed", 5, "--max-steps", 40,
+                          "--workers", 2, "--video", tmp_path / "videos", "--filmstrip"))
+    assert result["episodes"] == 2 and result["seed"] == 5 and len(result["scores"]) == 2
+    assert result["mean"] == pytest.approx(np.mean(result["scores"]))
+    assert len(list((tmp_path / "videos").glob("*.mp4"))) == 2
+    assert len(list((tmp_path / "videos" / "episodes").glob("*_worst.png"))) == 2
+    partial = tmp_path / "agent"
+    partial.mkdir()
+    (partial / "vae.eqx").write_bytes((PRETRAINED_DIR / "vae.eqx").read_bytes())
+    proc = wm("evaluate", "--agent", partial, "--episodes", 1, check=False)
+    assert proc.returncode == 2 and "has no M (mdnrnn.eqx is missing)" in proc.stderr
+    proc = wm("evaluate", "--agent", PRETRAINED_DIR, "--episodes", 0, check=False)
+    assert proc.returncode != 0 and "positive integer" in proc.stderr
+
+
+def test_evolve_in_the_real_environment_resumes(tmp_path):
+    args = ["evolve", "--agent", PRETRAINED_DIR, "--where", "real", "--out", tmp_path, "--popsize", 3,
+            "--max-steps", 20, "--workers", 2, "--init", PRETRAINED_DIR / "controller.eqx"]
+    first = last_json(wm(*args, "--generations", 1))
+    resumed = last_json(wm(*args, "--generations", 2))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["generation"] for r in records] == [1, 2]
+    assert all(r["real_frames"] == 3 * 2 * 20 for r in records)  # popsize x repeats x steps, counted
+    assert resumed["best_return"] >= first["best_return"]
+
+
+def test_pipeline_smoke_runs_every_stage_and_resumes(tmp_path):
+    proc = wm("pipeline", "--preset", "smoke", "--run", tmp_path, "--workers", 2)
+    assert "real mean +- std" in proc.stdout and "iter_1" in proc.stdout
+    stages = json.loads((tmp_path / "stages.json").read_text())
+    assert {"collect", "vae", "encode", "mdnrnn", "evolve", "evaluate", "iter_1/evaluate"} <= set(stages)
+    for part in ("vae.eqx", "mdnrnn.eqx", "controller.eqx"):
+        assert (tmp_path / "iter_1" / "agent" / part).exists()
+    again = wm("pipeline", "--preset", "smoke", "--run", tmp_path, "--workers", 2)
+    assert "done earlier" in again.stdout  # resumed: every stage skipped
+    proc = wm("pipeline", "--preset", "tiny", "--run", tmp_path, check=False)
+    assert proc.returncode == 2 and "valid presets: smoke, quick, full" in proc.stderr
