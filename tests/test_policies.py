@@ -68,6 +68,7 @@ def test_registry_names_and_unknown_name_lists_them():
     assert "randm" in str(err.value)
 
 
+@pytest.mark.parametrize("name", NAMES)
 def test_actions_are_float32_in_the_action_space(env, name):
     actions, _, _ = run_episode(env, build(name), policy_seed=1, steps=50)
     assert actions.shape == (50, 3) and actions.dtype == np.float32
