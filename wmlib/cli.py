@@ -9,6 +9,7 @@
     wm evolve --agent DIR --where real --out DIR    C by CMA-ES on real episodes (the paper's setup)
     wm evaluate --agent DIR --episodes 100          real episodes, JSON result (notebook 05)
     wm iterate --run DIR                            one more sim2real iteration of a pipeline run
+    wm figures                                      the lessons' key figures into docs/figures/
 
 Every subcommand prints one clear line and exits non-zero on bad input.
 """
@@ -151,6 +152,13 @@ def cmd_pipeline(args) -> None:
                        fast=not args.stock))
 
 
+def cmd_figures(args) -> None:
+    from wmlib.figures import render_all
+
+    written = render_all(args.out, args.agent, args.data, seed=args.seed)
+    print(json.dumps({"out": str(args.out), "figures": [p.name for p in written]}))
+
+
 def backend_args(p) -> None:
     p.add_argument("--backend", choices=["local", "ray"], default="local",
                    help="run episodes on local processes or as Ray tasks (needs `uv sync --extra ray`)")
@@ -235,6 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True)
     env_args(p)
     p.set_defaults(func=cmd_iterate)
+
+    from wmlib.config import PRETRAINED_DIR, PROJECT_ROOT, SAMPLE_DIR
+
+    p = sub.add_parser("figures", help="render the lessons' key figures from an agent (default: the shipped one)")
+    p.add_argument("--agent", default=str(PRETRAINED_DIR), help="agent folder with V, M, C, their logs and eval.json")
+    p.add_argument("--data", default=str(SAMPLE_DIR), help="collection of episodes to picture (one per policy)")
+    p.add_argument("--out", default=str(PROJECT_ROOT / "docs" / "figures"), help="folder for the PNGs (default: docs/figures)")
+    p.add_argument("--seed", type=int, default=0, help="env seed of the real episode in the sim2real figures")
+    p.set_defaults(func=cmd_figures)
 
     p = sub.add_parser("pipeline", help="the whole method, resumable, with a summary")
     p.add_argument("--preset", default="quick", help="smoke, quick or full (default quick)")

@@ -1,0 +1,318 @@
+"""The lessons' key figures, as functions: the notebooks call them, and `wm figures` renders them from
+the shipped artifacts into docs/figures/ so a reader who cannot run code still sees the results.
+
+Every function here returns a matplotlib Figure built from plain arrays and metric records; nothing
+trains or touches the environment except `render_all`, which gathers the inputs (the shipped V, M, C,
+their logs, the sample episodes and one real episode of the agent) and writes the PNGs atomically.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+
+# The files `wm figures` writes, in lesson order; the notebooks' markdown embeds each of them.
+FIGURES = {
+    "01_policies.png": "the four collection policies, filmstrips of one sample episode each",
+    "02_vae_curves.png": "V's training curves and the held-out quality bar",
+    "02_reconstructions.png": "held-out frames | V's reconstruction | error",
+    "02_kl_per_dim.png": "mean KL of each latent dimension",
+    "02_latent_sweep.png": "the six most informative dimensions swept from -3 to +3",
+    "03_mdnrnn_curves.png": "M's training curves and held-out reward/done metrics",
+    "03_real_vs_dream.png": "real frames vs M's dream with the same actions",
+    "03_temperature.png": "one dream start at three temperatures",
+    "04_fitness.png": "CMA-ES in the dream: best and mean return per generation",
+    "04_dream_rollout.png": "the shipped controller driving in the dream",
+    "05_scores.png": "the shipped agent's real scores over 100 episodes",
+    "05_worst_moment.png": "real / V / M around the worst moment of a real episode",
+    "05_reward_prediction.png": "real reward and done vs M's predictions along a real episode",
+    "05_track.png": "the car's path on the track, off-road steps marked",
+}
+
+
+def _plt():
+    import matplotlib
+
+    if not os.environ.get("MPLBACKEND") and "matplotlib.pyplot" not in __import__("sys").modules:
+        matplotlib.use("Agg")  # a terminal (`wm figures`) has no display; notebooks keep their backend
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def picture(image: np.ndarray, title: str = "", width: float = 12.0):
+    """An image array shown at its own aspect ratio, axes off, with an optional title."""
+    plt = _plt()
+    h, w = image.shape[:2]
+    fig, ax = plt.subplots(figsize=(width, width * h / w + (0.4 if title else 0.0)))
+    ax.imshow(image)
+    ax.axis("off")
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def policy_filmstrips(episodes: dict):
+    """One filmstrip row per policy: {name: Episode}."""
+    from wmlib.viz import filmstrip
+
+    plt = _plt()
+    fig, axes = plt.subplots(len(episodes), 1, figsize=(12, 1.6 * len(episodes)), squeeze=False)
+    for ax, (name, ep) in zip(axes[:, 0], episodes.items()):
+        ax.imshow(filmstrip(ep.frames, n=10))
+        ax.set_title(f"{name} (return {ep.total_reward:.0f} over {len(ep)} steps)", loc="left", fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def vae_curves(records: list[dict]):
+    """V's metrics.jsonl records -> reconstruction, KL (with the free-bits line) and held-out MSE."""
+    plt = _plt()
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3))
+    axes[0].plot([r["step"] for r in train], [r["recon"] for r in train], label="train")
+    axes[0].plot([r["step"] for r in val], [r["val_recon"] for r in val], "o-", label="held-out")
+    axes[0].set_title("reconstruction (sum of squared errors per frame)")
+    axes[0].legend()
+    axes[1].plot([r["step"] for r in train], [r["kl"] for r in train])
+    axes[1].axhline(0.5 * 32, color="k", ls="--", lw=0.8, label="free bits: 16 nats")
+    axes[1].set_title("KL per frame")
+    axes[1].legend()
+    axes[2].plot([r["step"] for r in val], [r["val_pixel_mse"] for r in val], "o-", label="V")
+    axes[2].plot([r["step"] for r in val], [r["val_mean_frame_mse"] for r in val], "--", label="mean frame")
+    axes[2].set_yscale("log")
+    axes[2].set_title("held-out per-pixel MSE")
+    axes[2].legend()
+    for ax in axes:
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    return fig
+
+
+def kl_bars(kl: np.ndarray):
+    """Mean KL per latent dimension, sorted, labelled with the dimension's index."""
+    plt = _plt()
+    order = np.argsort(-kl)
+    fig, ax = plt.subplots(figsize=(10, 2.5))
+    ax.bar(range(len(kl)), kl[order])
+    ax.set_xticks(range(len(kl)), [str(d) for d in order], fontsize=7)
+    ax.set_xlabel("latent dimension (sorted)")
+    ax.set_ylabel("mean KL")
+    fig.tight_layout()
+    return fig
+
+
+def mdnrnn_curves(records: list[dict]):
+    """M's metrics.jsonl records -> z NLL, reward and done losses, held-out reward/done metrics."""
+    plt = _plt()
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_nll_per_step" in r]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3))
+    for ax, (key, title) in zip(axes[:3], [("nll", "z NLL per dim"), ("reward_loss", "reward loss"),
+                                           ("done_loss", "done BCE")]):
+        ax.plot([r["step"] for r in train], [r[key] for r in train])
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    axes[3].plot([r["step"] for r in val], [r["val_reward_corr"] for r in val], "o-", label="reward correlation")
+    axes[3].plot([r["step"] for r in val], [r["val_done_recall"] for r in val], "s-", label="done recall")
+    axes[3].plot([r["step"] for r in val], [r["val_done_precision"] for r in val], "^-", label="done precision")
+    axes[3].set_ylim(0, 1.05)
+    axes[3].set_title("held-out episodes")
+    axes[3].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def reward_prediction(rewards: np.ndarray, dones: np.ndarray, pred: dict, title: str = ""):
+    """Real reward and episode end along an episode against M's predictions (`predict_along_episode`)."""
+    plt = _plt()
+    fig, axes = plt.subplots(2, 1, figsize=(10, 4), sharex=True)
+    axes[0].plot(rewards, lw=1, label="real")
+    axes[0].plot(pred["reward_pred"], lw=1, label="M")
+    axes[0].set_ylabel("reward")
+    axes[0].legend(fontsize=8)
+    if title:
+        axes[0].set_title(title, fontsize=10)
+    axes[1].plot(dones, lw=1, label="real end")
+    axes[1].plot(pred["done_prob"], lw=1, label="M: P(done)")
+    axes[1].set_ylabel("done")
+    axes[1].set_xlabel("step")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def real_vs_dream(real_frames: np.ndarray, dream: dict, real_rewards: np.ndarray):
+    """Real frames over dreamed frames (same actions, `viz.real_vs_dream`), and both reward traces."""
+    from wmlib.viz import filmstrip, vstack
+
+    plt = _plt()
+    fig = plt.figure(figsize=(13, 6))
+    ax = fig.add_subplot(2, 1, 1)
+    ax.imshow(vstack([filmstrip(real_frames, n=10), filmstrip(dream["frames"], n=10)], pad=6))
+    ax.set_title("real (top) vs dream with the same actions (bottom)")
+    ax.axis("off")
+    ax = fig.add_subplot(2, 1, 2)
+    ax.plot(real_rewards, label="real reward")
+    ax.plot(dream["reward"], label="dreamed reward")
+    ax.set_xlabel("steps after the start")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def fitness(records: list[dict], title: str):
+    """Evolution log records -> best and mean (+- std) return per generation, and any real checks."""
+    plt = _plt()
+    g = [r["generation"] for r in records]
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.plot(g, [r["best"] for r in records], label="best of generation")
+    ax.plot(g, [r["mean"] for r in records], label="population mean")
+    ax.fill_between(g, [r["mean"] - r["std"] for r in records], [r["mean"] + r["std"] for r in records], alpha=0.2)
+    real = [r for r in records if "real_mean" in r]
+    if real:
+        ax.errorbar([r["generation"] for r in real], [r["real_mean"] for r in real],
+                    [r["real_std"] for r in real], fmt="o", color="k", label="best, in the REAL env")
+    ax.set_xlabel("generation")
+    ax.set_ylabel("return")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def score_histogram(result: dict, title: str = ""):
+    """An evaluation result (`evaluate` / eval.json) -> histogram of its real episode scores."""
+    plt = _plt()
+    scores = np.asarray(result["scores"])
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.hist(scores, bins=20)
+    ax.axvline(result["mean"], color="k", lw=1)
+    ax.set_xlabel("real episode return")
+    ax.set_ylabel("episodes")
+    ax.set_title(title or f"{len(scores)} episodes (env seeds {result['seed']}..{result['seed'] + len(scores) - 1}): "
+                          f"{result['mean']:.1f} +- {result['std']:.1f}", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def tracks(episodes: list):
+    """Each episode's car path over its track (`ep.info["car_xy"]`), off-road steps in red."""
+    from wmlib.evaluate import offroad_steps, track_of_seed
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(episodes), figsize=(4 * len(episodes), 4), squeeze=False)
+    for ax, ep in zip(axes[0], episodes):
+        track = track_of_seed(ep.seed)
+        off = offroad_steps(ep.info["car_xy"], track)
+        ax.plot(*np.vstack([track, track[:1]]).T, color="grey", lw=6, alpha=0.4)
+        ax.plot(*ep.info["car_xy"].T, lw=1)
+        ax.scatter(*ep.info["car_xy"][off].T, s=4, color="red", label="off road")
+        ax.set_title(f"seed {ep.seed}: {ep.total_reward:.0f}, {off.mean():.0%} off road", fontsize=9)
+        ax.set_aspect("equal")
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def save(fig, path: str | os.PathLike, dpi: int = 80) -> Path:
+    """Write a figure as PNG atomically (a half-written picture never replaces a good one); close it."""
+    from wmlib.files import atomic_write
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    _plt().close(fig)
+    with atomic_write(path) as f:
+        f.write(buf.getvalue())
+    return Path(path)
+
+
+def render_all(out_dir: str | os.PathLike, agent_dir: str | os.PathLike, data_dir: str | os.PathLike,
+               seed: int = 0) -> list[Path]:
+    """Render every figure of `FIGURES` into `out_dir` from an agent folder (V, M, C and their
+    *_metrics.jsonl and eval.json, as in data/pretrained), a collection of episodes (data/sample) and
+    one real episode of the agent on env seed `seed`."""
+    import jax
+
+    from wmlib.agent import Agent
+    from wmlib.data import episode_files, load_episode
+    from wmlib.dream import DreamParams, make_start_bank, rollout_trajectory
+    from wmlib.evaluate import episode_panels, predict_along_episode, worst_moment
+    from wmlib.files import read_jsonl
+    from wmlib.rollouts import EpisodeSpec, run_episode
+    from wmlib import viz
+    from wmlib.viz import filmstrip, filmstrip_rows, latent_sweep, recon_panel, vstack
+    from wmlib.vae import decode_latents, encode_frames, reconstruct
+
+    out, agent_dir, data_dir = Path(out_dir), Path(agent_dir), Path(data_dir)
+    for name in ("vae_metrics.jsonl", "mdnrnn_metrics.jsonl", "evolve_metrics.jsonl", "eval.json"):
+        if not (agent_dir / name).is_file():
+            raise FileNotFoundError(f"{agent_dir / name} is missing: --agent must be a folder like data/pretrained "
+                                    "(V, M, C, their *_metrics.jsonl and eval.json)")
+    files = episode_files(data_dir)
+    if not files:
+        raise FileNotFoundError(f"no episodes (*.npz) in {data_dir}: --data must be a collection like data/sample")
+    agent = Agent.load(agent_dir)
+    vae, mdnrnn = agent.vae, agent.mdnrnn
+    decode = lambda zs: decode_latents(vae, zs)  # noqa: E731
+    episodes = {load_episode(p).policy: load_episode(p) for p in files}
+    written = []
+
+    def put(name, fig):
+        written.append(save(fig, out / name))
+
+    def records(name, stage):
+        return [r for r in read_jsonl(agent_dir / name) if r.get("stage") == stage]
+
+    put("01_policies.png", policy_filmstrips(episodes))
+
+    frames = np.concatenate([ep.frames for ep in episodes.values()])
+    picks = np.linspace(0, len(frames) - 1, 4).astype(int)
+    put("02_vae_curves.png", vae_curves(records("vae_metrics.jsonl", "vae")))
+    put("02_reconstructions.png", picture(vstack([recon_panel(f, r) for f, r in
+                                                  zip(frames[picks], reconstruct(vae, frames[picks]))]), width=9))
+    mu, logvar = encode_frames(vae, frames)
+    kl = viz.kl_per_dim(mu, logvar)
+    put("02_kl_per_dim.png", kl_bars(kl))
+    put("02_latent_sweep.png", picture(latent_sweep(decode, mu[len(mu) // 2], [int(d) for d in np.argsort(-kl)[:6]]),
+                                       "each row: one dimension at -3 ... +3", width=8))
+
+    put("03_mdnrnn_curves.png", mdnrnn_curves(records("mdnrnn_metrics.jsonl", "mdnrnn")))
+    ep = episodes.get("heuristic", next(iter(episodes.values())))  # a driver that stays on the road
+    ep_mu, _ = encode_frames(vae, ep.frames)
+    start = min(60, len(ep) - 2)
+    steps = min(80, len(ep) - start - 1)
+    dream = viz.real_vs_dream(mdnrnn, decode, ep_mu, ep.actions, start, steps, jax.random.PRNGKey(2))
+    put("03_real_vs_dream.png", real_vs_dream(ep.frames[start:start + steps + 1], dream,
+                                              ep.rewards[start:start + steps]))
+    rows = [filmstrip(viz.real_vs_dream(mdnrnn, decode, ep_mu, ep.actions, start, 40, jax.random.PRNGKey(1),
+                                        tau=tau)["frames"], n=8) for tau in (0.3, 1.0, 1.6)]
+    put("03_temperature.png", picture(vstack(rows, pad=6), "tau = 0.3 (top), 1.0, 1.6 (bottom)"))
+
+    put("04_fitness.png", fitness(records("evolve_metrics.jsonl", "evolve"), "evolution of the shipped controller"))
+    mus = [encode_frames(vae, e.frames) for e in episodes.values()]
+    bank = make_start_bank([m for m, _ in mus], [lv for _, lv in mus], [e.actions for e in episodes.values()])
+    ret, traj = rollout_trajectory(jax.random.PRNGKey(7), agent.controller, DreamParams(mdnrnn, bank), 200)
+    put("04_dream_rollout.png", picture(filmstrip(decode(np.asarray(traj.z)), n=10),
+                                        f"the shipped controller in M's dream: return {float(ret):.0f} "
+                                        f"over 200 steps"))
+
+    import json
+
+    put("05_scores.png", score_histogram(json.loads((agent_dir / "eval.json").read_text())))
+    real = run_episode(EpisodeSpec("controller", seed, 1000, True, {"agent": str(agent_dir)}))
+    panels = episode_panels(vae, mdnrnn, real)
+    t = worst_moment(real.rewards)
+    put("05_worst_moment.png", picture(filmstrip_rows([panels["frame"], panels["recon"], panels["dream"]],
+                                                      t - 40, t + 40, n=9),
+                                       f"env seed {seed}, around step {t}: real / V / M's prediction"))
+    put("05_reward_prediction.png", reward_prediction(real.rewards, real.dones, predict_along_episode(vae, mdnrnn, real),
+                                                      f"env seed {seed}: return {real.total_reward:.1f}"))
+    put("05_track.png", tracks([real]))
+    return written
