@@ -22,7 +22,8 @@ Helpers (methods of `Lab`, used by test_lab_notebooks.py)
 
 Environment: WM_CHROMIUM (path to the browser), WM_BROWSER_NOTEBOOKS (folder of the notebooks
 under test, relative to the repo; default notebooks), WM_BROWSER_TIMEOUT (seconds for one notebook's
-"Run All", default 900), WM_SKIP_BROWSER=1 (skip the suite).
+"Run All", default 900), WM_SKIP_BROWSER=1 (skip the suite), WM_REQUIRE_BROWSER=1 (fail instead
+of skipping when the suite cannot run; .ci/run sets it).
 """
 
 from __future__ import annotations
@@ -90,17 +91,27 @@ def find_chromium() -> str | None:
     return None
 
 
+def unavailable(reason: str):
+    """Skip the browser suite for `reason`, or fail with it where the suite is required
+    (WM_REQUIRE_BROWSER=1, as .ci/run sets: CI must run these tests, not skip them)."""
+    if os.environ.get("WM_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"the browser tests are required (WM_REQUIRE_BROWSER=1) but cannot run: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def chromium_path() -> str:
     if os.environ.get("WM_SKIP_BROWSER") == "1":
-        pytest.skip("browser tests switched off by WM_SKIP_BROWSER=1")
-    pytest.importorskip("playwright.sync_api",
-                        reason="playwright is not installed (uv sync --group test)")
+        unavailable("browser tests switched off by WM_SKIP_BROWSER=1")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        unavailable("playwright is not installed (uv sync --group test)")
     path = find_chromium()
     if path is None and os.environ.get("WM_CHROMIUM"):
-        pytest.skip(f"WM_CHROMIUM={os.environ['WM_CHROMIUM']} is not an executable file")
+        unavailable(f"WM_CHROMIUM={os.environ['WM_CHROMIUM']} is not an executable file")
     if path is None:
-        pytest.skip("no system Chromium found (looked for $WM_CHROMIUM, chromium, chromium-browser, "
+        unavailable("no system Chromium found (looked for $WM_CHROMIUM, chromium, chromium-browser, "
                     "google-chrome on PATH); install it with `apt-get install -y chromium`")
     return path
 
