@@ -24,9 +24,11 @@ two more matrix products, so XLA cannot build a slow backward pass of its own (W
 stride-2 window as a row), which XLA runs near memory speed, unlike a concatenation of k*k strided
 slices; `_col2im`, its adjoint, adds the k*k taps back in space-to-depth layout, where each tap is a
 shift by whole pixels (a zero pad that XLA fuses into one sum), then interleaves the stride phases
-(depth-to-space). Each layer runs over the batch in chunks of a few examples (`_scan_chunks`), which
-keeps the im2col buffers small: XLA allocates scratch memory afresh on every call, and page faults on
-~300 MB of unchunked buffers cost more than the layers' arithmetic. The mathematics is that of
+(depth-to-space). Each layer runs over the batch in chunks of a few examples (`_chunked`), which
+keeps the im2col buffers in cache and lets XLA run the chunks concurrently on all cores; and the
+training step keeps freed memory for reuse (`train.reuse_freed_memory`), because XLA allocates its
+scratch buffers afresh on every call and the kernel's zero-filling of new pages cost more than
+some layers' arithmetic. The mathematics is that of
 `jax.lax.conv_general_dilated` and `jax.lax.conv_transpose` (tests/test_vae.py checks values and
 gradients against both); bench/vae_speed.py times the training step against PyTorch.
 """
@@ -48,7 +50,7 @@ from wmlib import checkpoint
 from wmlib.config import VAEConfig
 from wmlib.data import FrameSampler, episode_files, load_episode
 from wmlib.mdnrnn import split_episodes
-from wmlib.train import fit, make_step
+from wmlib.train import fit, make_step, reuse_freed_memory
 
 FRAME_SHAPE = (64, 64, 3)
 STRIDE = 2
@@ -106,26 +108,25 @@ def _gram(a: Array, b: Array) -> Array:
 CHUNK_BYTES = 8 * 2**20
 
 
-def _scan_chunks(body, carry, xs: tuple[Array, ...], row_bytes: int):
-    """lax.scan of `body(carry, chunk_of_xs) -> (carry, y)` over chunks of the batch (axis 0 of
-    every x), so that each chunk's im2col buffer (`row_bytes` per example) stays near CHUNK_BYTES.
-    Returns (carry, the ys concatenated over the batch).
+def _chunked(body, carry, xs: tuple[Array, ...], row_bytes: int):
+    """`body(carry, chunk_of_xs) -> (carry, y)` over chunks of the batch (axis 0 of every x), each
+    chunk's im2col buffer (`row_bytes` per example) near CHUNK_BYTES. Returns (carry, the ys
+    concatenated over the batch).
 
-    Why: XLA allocates a computation's scratch memory afresh on every call and Linux zeroes each
-    new page when it is first touched, so at batch 100 unchunked im2col buffers (up to 78 MB per
-    layer, ~300 MB per step) cost more in page faults than the layers compute; small chunks also
-    stay in cache. The weight gradient is summed over the chunks in the carry.
+    Why chunks: at batch 100 an unchunked layer's im2col buffer is up to 78 MB, ~300 MB per step,
+    which does not stay in cache; a chunk of a few examples does. Why a Python loop and not
+    `lax.scan`: the chunks are then independent operations that XLA's CPU runtime executes
+    concurrently on all cores (a scan runs them one after another, and fills a zeroed buffer with
+    dynamic updates). The weight gradient is summed over the chunks in the carry.
     """
     n = xs[0].shape[0]
     n_chunks = max(1, -(-n * row_bytes // CHUNK_BYTES))
-    chunk = -(-n // n_chunks)
-    full = n // chunk * chunk
-    carry, y = jax.lax.scan(body, carry, tuple(x[:full].reshape(full // chunk, chunk, *x.shape[1:]) for x in xs))
-    y = y.reshape(full, *y.shape[2:])
-    if n > full:
-        carry, rest = body(carry, tuple(x[full:] for x in xs))
-        y = jnp.concatenate([y, rest])
-    return carry, y
+    size = -(-n // n_chunks)
+    ys = []
+    for start in range(0, n, size):
+        carry, y = body(carry, tuple(x[start:start + size] for x in xs))
+        ys.append(y)
+    return carry, jnp.concatenate(ys) if len(ys) > 1 else ys[0]
 
 
 # ---- the two layer operations, with their gradients as matrix products ----------------------------
@@ -144,7 +145,7 @@ def conv2d(x: Float[Array, "N H W Cin"], w: Float[Array, "k k Cin Cout"]) -> Flo
     def chunk(_, xs):
         return None, _matmul(_im2col(xs[0], k), wm)
 
-    return _scan_chunks(chunk, None, (x,), _patch_bytes(x, k))[1]
+    return _chunked(chunk, None, (x,), _patch_bytes(x, k))[1]
 
 
 def _conv2d_fwd(x, w):
@@ -160,7 +161,7 @@ def _conv2d_bwd(res, dy):
         xc, dyc = xs
         return dw + _gram(_im2col(xc, k), dyc), _col2im(_matmul(dyc, wm.T), k, x.shape[1], x.shape[2])
 
-    dw, dx = _scan_chunks(chunk, jnp.zeros_like(wm), (x, dy), _patch_bytes(x, k))
+    dw, dx = _chunked(chunk, jnp.zeros_like(wm), (x, dy), _patch_bytes(x, k))
     return dx, dw.reshape(w.shape)
 
 
@@ -184,7 +185,7 @@ def conv_transpose2d(x: Float[Array, "N H W Cin"], w: Float[Array, "Cin k k Cout
     def chunk(_, xs):
         return None, _col2im(_matmul(xs[0], wm), k, STRIDE * (h - 1) + k, STRIDE * (wd - 1) + k)
 
-    return _scan_chunks(chunk, None, (x,), 4 * h * wd * k * k * cout)[1]
+    return _chunked(chunk, None, (x,), 4 * h * wd * k * k * cout)[1]
 
 
 def _conv_transpose2d_fwd(x, w):
@@ -201,7 +202,7 @@ def _conv_transpose2d_bwd(res, dy):
         patches = _im2col(dyc, k)  # (n, H, W, k*k*Cout): the window of dy that each input pixel reached
         return dw + _gram(xc, patches), _matmul(patches, wm.T)
 
-    dw, dx = _scan_chunks(chunk, jnp.zeros_like(wm), (x, dy), _patch_bytes(dy, k))
+    dw, dx = _chunked(chunk, jnp.zeros_like(wm), (x, dy), _patch_bytes(dy, k))
     return dx, dw.reshape(w.shape)
 
 
@@ -352,6 +353,7 @@ def make_train_step(optimizer: optax.GradientTransformation | None = None, kl_to
     """Jitted `step(vae, opt_state, frames, key) -> (vae, opt_state, loss, aux)` on a (B, 64, 64, 3)
     uint8 batch; the batch goes through the model at once (no vmap). Default optimiser: Adam 1e-4.
     `opt_state` is `optimizer.init(eqx.filter(vae, eqx.is_inexact_array))`."""
+    reuse_freed_memory()
     return make_step(make_loss_fn(kl_tolerance), make_optimizer() if optimizer is None else optimizer)
 
 
@@ -407,10 +409,12 @@ def train_vae(data_dir: str | os.PathLike, run_dir: str | os.PathLike, cfg: VAEC
     sampler = FrameSampler(train_files, cfg.batch_size, seed=cfg.seed, mirror=cfg.mirror)
     val = _validation_frames(val_files, cfg.val_frames, cfg.seed) if val_files else None
     vae = init if init is not None else ConvVAE(jax.random.PRNGKey(cfg.seed), cfg.z_dim)
-    return fit(vae, make_optimizer(cfg.learning_rate), make_loss_fn(cfg.kl_tolerance), sampler.batch, cfg.steps,
+    optimizer = make_optimizer(cfg.learning_rate)
+    return fit(vae, optimizer, make_loss_fn(cfg.kl_tolerance), sampler.batch, cfg.steps,
                run_dir, "vae", "vae", vae_hyper(vae), seed=cfg.seed,
                evaluate=(lambda m: validation_metrics(m, val, cfg.batch_size, cfg.kl_tolerance, cfg.seed))
-               if val is not None else None, eval_every=cfg.eval_every, progress=progress)
+               if val is not None else None, eval_every=cfg.eval_every, progress=progress,
+               step_fn=make_train_step(optimizer, cfg.kl_tolerance))
 
 
 # ---- checkpoints and whole-episode helpers ---------------------------------------------------------
