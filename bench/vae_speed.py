@@ -1,11 +1,13 @@
 """V training throughput: frames per second of the full training step (forward, backward, Adam).
 
 Times `wmlib.vae.make_train_step` on a batch of random uint8 frames (paper batch 100) and, when
-PyTorch is importable, the same model in PyTorch in the same process: the paper's ConvVAE with the
-same layers, the same loss (sum of squared errors + KL clipped below at 0.5 * z_dim, batch mean),
-Adam 1e-4, started from the same weights (copied from the JAX model; the script checks that both
-compute the same encoder and decoder outputs). PyTorch uses as many threads as the process has
-cores (`taskset -c 0 ...` compares one core each); XLA uses them all by default. Compilation and
+PyTorch is importable, the same model in PyTorch: the paper's ConvVAE with the same layers, the same
+loss (sum of squared errors + KL clipped below at 0.5 * z_dim, batch mean), Adam 1e-4, started from
+the same weights (copied from the JAX model; the script checks that both compute the same encoder
+and decoder outputs). PyTorch runs in its own process, as its users run it: `import wmlib` changes
+this process's memory allocator (`wmlib.reuse_freed_memory`), which would speed PyTorch up too;
+`--torch-same-allocator` gives the PyTorch process the same setting, to see how much. Each uses as
+many threads as the process has cores (`taskset -c 0 ...` compares one core each). Compilation and
 warm-up steps are excluded. The two are timed in alternating rounds of `--steps` steps (the first
 of each round in alternating order), so a busy neighbour slows both; the headline is the best round
 of each (closest to an idle machine), the medians are printed too.
@@ -21,20 +23,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import time
 
-import equinox as eqx
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from wmlib.vae import ConvVAE, make_optimizer, make_train_step
+# Nothing at module level imports wmlib or JAX: the PyTorch process re-imports this module.
 
 
-def jax_runner(vae: ConvVAE, frames: np.ndarray):
+def jax_runner(vae, frames: np.ndarray):
     """A closure that runs one JAX training step on `frames` and waits for it."""
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+
+    from wmlib.vae import make_optimizer, make_train_step
+
     optimizer = make_optimizer(1e-4)
     state = [vae, optimizer.init(eqx.filter(vae, eqx.is_inexact_array))]
     step, batch = make_train_step(optimizer), jnp.asarray(frames)
@@ -47,22 +53,20 @@ def jax_runner(vae: ConvVAE, frames: np.ndarray):
     return run
 
 
-def torch_runner(vae: ConvVAE, frames: np.ndarray):
-    """The same model, loss and optimiser in PyTorch (NCHW inside, weights copied from `vae`), or
-    None when torch is not importable."""
-    try:
-        import torch
-    except ImportError:
-        return None
+def torch_runner(weights: dict, frames: np.ndarray, reference: dict):
+    """The same model, loss and optimiser in PyTorch (NCHW inside) from the JAX model's `weights`
+    (numpy), and the largest differences from the JAX encoder means and decoder outputs in
+    `reference`; returns (run, differences)."""
+    import torch
     import torch.nn.functional as F
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores this process may use
     t = lambda a: torch.tensor(np.asarray(a))  # noqa: E731
-    enc = [(t(c.weight).permute(3, 2, 0, 1).contiguous(), t(c.bias)) for c in vae.encoder]  # HWIO -> OIHW
-    dec = [(t(c.weight).permute(0, 3, 1, 2).contiguous(), t(c.bias)) for c in vae.decoder]  # (I,k,k,O) -> IOHW
-    dense = [(t(d.weight).T.contiguous(), t(d.bias)) for d in (vae.mu, vae.logvar, vae.decoder_in)]
+    enc = [(t(w).permute(3, 2, 0, 1).contiguous(), t(b)) for w, b in weights["encoder"]]  # HWIO -> OIHW
+    dec = [(t(w).permute(0, 3, 1, 2).contiguous(), t(b)) for w, b in weights["decoder"]]  # (I,k,k,O) -> IOHW
+    dense = [(t(w).T.contiguous(), t(b)) for w, b in weights["dense"]]  # mu, logvar, decoder_in
     params = [p.requires_grad_() for pair in enc + dec + dense for p in pair]
-    z_dim = vae.z_dim
+    z_dim = dense[0][0].shape[0]
 
     def encode(x):
         h = x
@@ -97,13 +101,30 @@ def torch_runner(vae: ConvVAE, frames: np.ndarray):
         return loss.item()
 
     with torch.no_grad():  # the same function: encoder means, and decoder outputs of those means
-        mu_torch = encode(batch[:8].permute(0, 3, 1, 2).float() / 255.0)[0]
-        h = decode(mu_torch)
-    mu_jax = vae.encode(jnp.asarray(frames[:8], jnp.float32) / 255.0)[0]
-    recon_jax = np.asarray(vae.decode(mu_jax)).transpose(0, 3, 1, 2)
-    print(f"same weights, same function: max |mu_jax - mu_torch| = {np.abs(mu_jax - mu_torch.numpy()).max():.1e}, "
-          f"max |decode_jax - decode_torch| = {np.abs(recon_jax - h.numpy()).max():.1e}", flush=True)
-    return run
+        mu = encode(batch[:8].permute(0, 3, 1, 2).float() / 255.0)[0]
+        recon = decode(mu)
+    return run, (float(np.abs(reference["mu"] - mu.numpy()).max()),
+                 float(np.abs(reference["recon"] - recon.numpy()).max()))
+
+
+def torch_process(conn, weights: dict, frames: np.ndarray, reference: dict, same_allocator: bool) -> None:
+    """The PyTorch side, in its own process: answers "run N steps" with the seconds they took."""
+    if same_allocator:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        for option, value in ((-4, 0), (-1, 2**31 - 1), (-8, 1)):  # as wmlib.reuse_freed_memory
+            libc.mallopt(option, value)
+    try:
+        run, diffs = torch_runner(weights, frames, reference)
+    except ImportError:
+        conn.send(None)
+        return
+    conn.send(diffs)
+    while (steps := conn.recv()) is not None:
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(steps):
+            run()
+        conn.send((time.perf_counter() - t0, time.process_time() - c0))
 
 
 def main() -> None:
@@ -112,30 +133,66 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="steps per timed round")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--no-torch", action="store_true", help="time the JAX step only")
+    parser.add_argument("--torch-same-allocator", action="store_true",
+                        help="give the PyTorch process wmlib's allocator setting too")
     args = parser.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+
+    from wmlib.vae import ConvVAE
 
     frames = np.random.default_rng(0).integers(0, 256, (args.batch, 64, 64, 3), dtype=np.uint8)
     vae = ConvVAE(jax.random.PRNGKey(0))
     runners = {"jax": jax_runner(vae, frames)}
-    if not args.no_torch and (torch_run := torch_runner(vae, frames)) is not None:
-        runners["torch"] = torch_run
-    cores = len(os.sched_getaffinity(0))
-    print(f"{jax.devices()[0]}, {cores} cores; batch {args.batch}; {', '.join(runners)}", flush=True)
-    for name, run in runners.items():
-        t0 = time.perf_counter()
-        for _ in range(3):
-            run()
-        print(f"{name}: compile/warm-up {time.perf_counter() - t0:.1f} s", flush=True)
+    child = None
+    if not args.no_torch:
+        mu = vae.encode(jnp.asarray(frames[:8], jnp.float32) / 255.0)[0]
+        reference = {"mu": np.asarray(mu), "recon": np.asarray(vae.decode(mu)).transpose(0, 3, 1, 2)}
+        weights = {"encoder": [(np.asarray(c.weight), np.asarray(c.bias)) for c in vae.encoder],
+                   "decoder": [(np.asarray(c.weight), np.asarray(c.bias)) for c in vae.decoder],
+                   "dense": [(np.asarray(d.weight), np.asarray(d.bias)) for d in (vae.mu, vae.logvar, vae.decoder_in)]}
+        conn, child_conn = multiprocessing.get_context("spawn").Pipe()
+        child = multiprocessing.get_context("spawn").Process(
+            target=torch_process, args=(child_conn, weights, frames, reference, args.torch_same_allocator))
+        child.start()
+        diffs = conn.recv()
+        if diffs is None:
+            child.join()
+            child = None
+        else:
+            print(f"same weights, same function: max |mu_jax - mu_torch| = {diffs[0]:.1e}, "
+                  f"max |decode_jax - decode_torch| = {diffs[1]:.1e}", flush=True)
 
+            def torch_steps(steps: int) -> tuple[float, float]:
+                conn.send(steps)
+                return conn.recv()
+
+            runners["torch"] = torch_steps
+    cores = len(os.sched_getaffinity(0))
+    print(f"{jax.devices()[0]}, {cores} cores; batch {args.batch}; {', '.join(runners)}"
+          + (" (PyTorch with wmlib's allocator setting)" if child and args.torch_same_allocator else ""), flush=True)
+
+    def timed(name: str, steps: int) -> tuple[float, float]:
+        if name == "torch":
+            return runners["torch"](steps)
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(steps):
+            runners["jax"]()
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    for name in runners:
+        print(f"{name}: compile/warm-up {timed(name, 3)[0]:.1f} s", flush=True)
     per_step = {name: [] for name in runners}
     cpu = {name: [] for name in runners}
     for r in range(args.rounds):
         for name in (list(runners) if r % 2 == 0 else list(runners)[::-1]):
-            t0, c0 = time.perf_counter(), time.process_time()
-            for _ in range(args.steps):
-                runners[name]()
-            per_step[name].append((time.perf_counter() - t0) / args.steps)
-            cpu[name].append((time.process_time() - c0) / args.steps)
+            wall, cpu_s = timed(name, args.steps)
+            per_step[name].append(wall / args.steps)
+            cpu[name].append(cpu_s / args.steps)
+    if child:
+        conn.send(None)
+        child.join()
     fps = {}
     for name in runners:
         best, med = min(per_step[name]), statistics.median(per_step[name])
@@ -153,6 +210,7 @@ def main() -> None:
                       "jax_median_frames_per_s": round(args.batch / statistics.median(per_step["jax"]), 1),
                       "torch_median_frames_per_s": (round(args.batch / statistics.median(per_step["torch"]), 1)
                                                     if torch_fps else None),
+                      "torch_same_allocator": bool(child and args.torch_same_allocator),
                       "batch": args.batch, "device": str(jax.devices()[0])}))
 
 

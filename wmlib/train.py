@@ -32,28 +32,6 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-def reuse_freed_memory() -> None:
-    """Keep memory that a jitted step frees inside the process, for the next step to reuse (glibc only).
-
-    XLA's CPU runtime allocates a computation's scratch buffers afresh on every call (hundreds of MB
-    for V's training step). glibc hands blocks of 128 kB and more straight back to the kernel when
-    they are freed, so every step touches brand-new pages, which the kernel must zero-fill one page
-    fault at a time: 30,000-50,000 faults per V step, ~15% of its time. Serving large blocks from the
-    heap (M_MMAP_MAX = 0) and never trimming it (M_TRIM_THRESHOLD) removes them; the price is that
-    the process keeps the memory of its largest step. Process-wide and idempotent; without glibc
-    (macOS, musl) it does nothing.
-    """
-    import ctypes
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return
-    libc = ctypes.CDLL("libc.so.6")
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h
-    libc.mallopt(M_MMAP_MAX, 0)
-    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
-
-
 def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation) -> Callable:
     """One jitted optimisation step: `step(model, opt_state, batch, key) -> (model, opt_state, loss, aux)`.
 

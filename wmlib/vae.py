@@ -26,9 +26,9 @@ slices; `_col2im`, its adjoint, adds the k*k taps back in space-to-depth layout,
 shift by whole pixels (a zero pad that XLA fuses into one sum), then interleaves the stride phases
 (depth-to-space). Each layer runs over the batch in chunks of a few examples (`_chunked`), which
 keeps the im2col buffers in cache and lets XLA run the chunks concurrently on all cores; and the
-training step keeps freed memory for reuse (`train.reuse_freed_memory`), because XLA allocates its
-scratch buffers afresh on every call and the kernel's zero-filling of new pages cost more than
-some layers' arithmetic. The mathematics is that of
+process keeps freed memory for reuse (`wmlib.reuse_freed_memory`, on `import wmlib`), because XLA
+allocates its scratch buffers afresh on every call and the kernel's zero-filling of new pages cost
+more than some layers' arithmetic. The mathematics is that of
 `jax.lax.conv_general_dilated` and `jax.lax.conv_transpose` (tests/test_vae.py checks values and
 gradients against both); bench/vae_speed.py times the training step against PyTorch.
 """
@@ -50,7 +50,7 @@ from wmlib import checkpoint
 from wmlib.config import VAEConfig
 from wmlib.data import FrameSampler, episode_files, load_episode
 from wmlib.mdnrnn import split_episodes
-from wmlib.train import fit, make_step, reuse_freed_memory
+from wmlib.train import fit, make_step
 
 FRAME_SHAPE = (64, 64, 3)
 STRIDE = 2
@@ -353,7 +353,6 @@ def make_train_step(optimizer: optax.GradientTransformation | None = None, kl_to
     """Jitted `step(vae, opt_state, frames, key) -> (vae, opt_state, loss, aux)` on a (B, 64, 64, 3)
     uint8 batch; the batch goes through the model at once (no vmap). Default optimiser: Adam 1e-4.
     `opt_state` is `optimizer.init(eqx.filter(vae, eqx.is_inexact_array))`."""
-    reuse_freed_memory()
     return make_step(make_loss_fn(kl_tolerance), make_optimizer() if optimizer is None else optimizer)
 
 
