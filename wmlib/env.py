@@ -10,8 +10,9 @@ Python, reloads the font and allocates two 1000x800 surfaces. `CarRacingFast` (r
 "wmlib/CarRacingFast-v3") does the geometry with numpy and leaves out work that changes no output
 pixel, so its observations are byte-identical to stock for the same seed and actions
 (tests/test_fast_env.py). The pixel work it must keep (polygon fills, anti-aliased edges, the
-1000x800 -> 96x96 smoothscale) is pygame's C code and bounds the gain at about 2x
-(bench/env_speed.py).
+1000x800 -> 96x96 smoothscale) is pygame's C code: about 2.1 of its 2.5 ms per step on the 2-core
+development machine, which caps any pixel-identical CarRacing there at about 2.4x stock
+(bench/env_floor.py); this one reaches about 2x (bench/env_speed.py).
 """
 
 from __future__ import annotations
