@@ -62,7 +62,7 @@ def load(path: str | os.PathLike, kind: str, build: Callable[[dict], eqx.Module]
     header = read_header(path)
     if header["kind"] != kind:
         raise CheckpointError(f"{path} holds a {header['kind']} checkpoint, expected a {kind}")
-    skeleton = build(header["hyper"])
+    skeleton = eqx.filter_eval_shape(build, header["hyper"])  # shapes only: no weights computed
     with open(path, "rb") as f:
         f.readline(1 << 20)
         data = f.read()
