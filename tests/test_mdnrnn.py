@@ -9,9 +9,9 @@ from scipy.stats import norm
 
 from wmlib.checkpoint import CheckpointError, save
 from wmlib.config import RNNConfig
+from wmlib.data import split_episodes
 from wmlib.mdnrnn import (MDNRNN, MDNOutputs, load_mdnrnn, make_optimizer, make_train_step, mdn_log_prob,
-                          mdnrnn_loss, sample_next_z, save_mdnrnn, split_episodes, train_mdnrnn,
-                          validation_metrics)
+                          mdnrnn_loss, sample_next_z, save_mdnrnn, train_mdnrnn, validation_metrics)
 
 Z, A, H, K = 4, 3, 8, 5
 

@@ -16,6 +16,7 @@ import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -329,3 +330,17 @@ class SequenceSampler:
         """Every episode cut at offset 0 into batches (for validation metrics)."""
         windows = [(i, s) for i, e in enumerate(self.episodes) for s in range(0, len(e["mu"]), self.seq_len)]
         return [self.windows_batch(windows[j:j + self.batch_size]) for j in range(0, len(windows), self.batch_size)]
+
+
+def split_episodes(names: Iterable[str], n_val: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Episode names -> (train, validation), `n_val` episodes held out; an episode and its mirror
+    image ("NAME_mirror.npz") always land on the same side, so validation sees unseen tracks."""
+    groups: dict[str, list[str]] = {}
+    for name in sorted(names):
+        groups.setdefault(name.replace("_mirror", ""), []).append(name)
+    bases = sorted(groups)
+    n_val = min(n_val, len(bases) - 1)
+    picked = set(np.random.default_rng(seed).permutation(len(bases))[:max(n_val, 0)])
+    val = [n for i, b in enumerate(bases) if i in picked for n in groups[b]]
+    train = [n for i, b in enumerate(bases) if i not in picked for n in groups[b]]
+    return train, val

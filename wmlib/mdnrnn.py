@@ -36,7 +36,7 @@ from jaxtyping import Array, Float
 
 from wmlib import checkpoint
 from wmlib.config import RNNConfig
-from wmlib.data import SequenceSampler
+from wmlib.data import SequenceSampler, split_episodes
 from wmlib.train import fit, make_step
 
 LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -253,20 +253,6 @@ def validation_metrics(model: MDNRNN, batches: Iterable[Batch]) -> dict:
     return {"nll_per_step": s["nll"] / nz, "nll_per_dim": s["nll"] / nz / model.z_dim,
             "reward_mae": s["abs_err"] / n, "reward_corr": ratio(cov, math.sqrt(max(var_r * var_p, 0.0))),
             "done_precision": ratio(s["tp"], s["tp"] + s["fp"]), "done_recall": ratio(s["tp"], s["tp"] + s["fn"])}
-
-
-def split_episodes(names: Iterable[str], n_val: int, seed: int = 0) -> tuple[list[str], list[str]]:
-    """Episode names -> (train, validation), `n_val` episodes held out; an episode and its mirror
-    image ("NAME_mirror.npz") always land on the same side, so validation sees unseen tracks."""
-    groups: dict[str, list[str]] = {}
-    for name in sorted(names):
-        groups.setdefault(name.replace("_mirror", ""), []).append(name)
-    bases = sorted(groups)
-    n_val = min(n_val, len(bases) - 1)
-    picked = set(np.random.default_rng(seed).permutation(len(bases))[:max(n_val, 0)])
-    val = [n for i, b in enumerate(bases) if i in picked for n in groups[b]]
-    train = [n for i, b in enumerate(bases) if i not in picked for n in groups[b]]
-    return train, val
 
 
 def train_mdnrnn(encoded: dict[str, dict[str, np.ndarray]], run_dir: str | os.PathLike,

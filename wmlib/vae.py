@@ -48,8 +48,7 @@ from jaxtyping import Array, Float, UInt8
 
 from wmlib import checkpoint
 from wmlib.config import VAEConfig
-from wmlib.data import FrameSampler, episode_files, load_episode
-from wmlib.mdnrnn import split_episodes
+from wmlib.data import FrameSampler, episode_files, load_episode, split_episodes
 from wmlib.train import fit, make_step
 
 FRAME_SHAPE = (64, 64, 3)
