@@ -188,9 +188,11 @@ def rollout(key: jax.Array, controller: Controller, params: DreamParams, steps: 
     return _rollout(key, controller, params, steps, trace=False)[0]
 
 
+@eqx.filter_jit
 def rollout_trajectory(key: jax.Array, controller: Controller, params: DreamParams, steps: int
                        ) -> tuple[Float[Array, ""], Trajectory]:
-    """`rollout`, also returning the trajectory (for pictures: decode `z` with V). Same key, same dream."""
+    """`rollout`, also returning the trajectory (for pictures: decode `z` with V). Same key, same dream.
+    Jitted: compiled once per (steps, shapes), not on every call."""
     return _rollout(key, controller, params, steps, trace=True)
 
 
