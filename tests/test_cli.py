@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from wmlib.config import PRETRAINED_DIR
+from wmlib.config import PRETRAINED_DIR, SAMPLE_DIR
 from wmlib.data import episode_files, load_episode
 
 ENV = {**os.environ, "WM_PRESET": "smoke"}
@@ -51,6 +51,20 @@ def test_collect_bad_input_is_one_clear_line(tmp_path):
     assert proc.returncode == 2 and f"{afile} is a file" in proc.stderr and "Traceback" not in proc.stderr
     proc = wm("collect", "--policy", "controller", "--episodes", 1, "--out", tmp_path / "c", check=False)
     assert proc.returncode == 2 and "needs a trained agent" in proc.stderr
+
+
+def test_train_rnn_fine_tune_bad_input_names_the_file(tmp_path):
+    args = ["train-rnn", "--data", SAMPLE_DIR, "--vae", PRETRAINED_DIR / "vae.eqx", "--out", tmp_path / "m"]
+    proc = wm(*args, "--init", PRETRAINED_DIR / "vae.eqx", check=False)
+    assert proc.returncode == 2 and f"{PRETRAINED_DIR / 'vae.eqx'} holds a vae checkpoint, expected a mdnrnn" in proc.stderr
+    other_v = tmp_path / "other_vae.eqx"
+    other_v.write_bytes((PRETRAINED_DIR / "vae.eqx").read_bytes() + b"\0")  # another file: another V id
+    proc = wm("train-rnn", "--data", SAMPLE_DIR, "--vae", other_v, "--out", tmp_path / "m",
+              "--init", PRETRAINED_DIR / "mdnrnn.eqx", check=False)
+    assert proc.returncode == 2 and "was trained on latents of V" in proc.stderr and str(other_v) in proc.stderr
+    proc = wm(*args, "--reward-asymmetry", -1, check=False)
+    assert proc.returncode == 2 and "--reward-asymmetry must be positive, got -1.0" in proc.stderr
+    assert not (tmp_path / "m").exists()
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")

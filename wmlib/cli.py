@@ -4,7 +4,7 @@
     wm collect --policy brownian --episodes 8       real driving data (notebook 01)
     wm train-vae --data DIR --out DIR               V (notebook 02)
     wm encode --data DIR --vae FILE                 every frame through V, for M
-    wm train-rnn --data DIR --vae FILE --out DIR    M (notebook 03)
+    wm train-rnn --data DIR --vae FILE --out DIR    M (notebook 03); --init M to fine-tune
     wm evolve --agent DIR --data DIR --out DIR      C by CMA-ES in the dream (notebook 04)
     wm evolve --agent DIR --where real --out DIR    C by CMA-ES on real episodes (the paper's setup)
     wm evaluate --agent DIR --episodes 100          real episodes, JSON result (notebook 05)
@@ -84,8 +84,20 @@ def cmd_train_rnn(args) -> None:
     cfg = _preset(args).rnn
     if args.epochs:
         cfg = dataclasses.replace(cfg, epochs=args.epochs)
+    if args.reward_asymmetry is not None:
+        if args.reward_asymmetry <= 0:
+            raise ValueError(f"--reward-asymmetry must be positive, got {args.reward_asymmetry}")
+        cfg = dataclasses.replace(cfg, reward_asymmetry=args.reward_asymmetry)
     vae_id = vae_id_of(args.vae)
-    train_mdnrnn(load_encoded(args.data, vae_id), args.out, cfg, vae_id)
+    init = None
+    if args.init:
+        from wmlib.mdnrnn import load_mdnrnn
+
+        init, header = load_mdnrnn(args.init)
+        if header["extra"].get("vae_id") != vae_id:
+            raise ValueError(f"--init {args.init} was trained on latents of V {header['extra'].get('vae_id')}, "
+                             f"not of --vae {args.vae} ({vae_id})")
+    train_mdnrnn(load_encoded(args.data, vae_id), args.out, cfg, vae_id, init=init)
 
 
 def cmd_evolve(args) -> None:
@@ -209,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", required=True, help="the V whose encodings to use")
     p.add_argument("--out", required=True)
     p.add_argument("--epochs", type=_positive_int, default=None)
+    p.add_argument("--init", default=None, help="mdnrnn.eqx to fine-tune (trained on the same V)")
+    p.add_argument("--reward-asymmetry", type=float, default=None,
+                   help="weight of reward over-prediction in M's loss (default 1; >1 makes M pessimistic)")
     preset_arg(p)
     p.set_defaults(func=cmd_train_rnn)
 
