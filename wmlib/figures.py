@@ -9,7 +9,9 @@ their logs, the sample episodes and one real episode of the agent) and writes th
 from __future__ import annotations
 
 import io
+import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +36,12 @@ FIGURES = {
 
 
 def _plt():
+    """pyplot; a process that has not chosen a backend (`wm figures`) draws off-screen with Agg,
+    a notebook keeps its own."""
     import matplotlib
 
-    if not os.environ.get("MPLBACKEND") and "matplotlib.pyplot" not in __import__("sys").modules:
-        matplotlib.use("Agg")  # a terminal (`wm figures`) has no display; notebooks keep their backend
+    if not os.environ.get("MPLBACKEND") and "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
@@ -302,8 +306,6 @@ def render_all(out_dir: str | os.PathLike, agent_dir: str | os.PathLike, data_di
     put("04_dream_rollout.png", picture(filmstrip(decode(np.asarray(traj.z)), n=10),
                                         f"the shipped controller in M's dream: return {float(ret):.0f} "
                                         f"over 200 steps"))
-
-    import json
 
     put("05_scores.png", score_histogram(json.loads((agent_dir / "eval.json").read_text())))
     real = run_episode(EpisodeSpec("controller", seed, 1000, True, {"agent": str(agent_dir)}))
