@@ -265,7 +265,7 @@ def render_all(out_dir: str | os.PathLike, agent_dir: str | os.PathLike, data_di
     agent = Agent.load(agent_dir)
     vae, mdnrnn = agent.vae, agent.mdnrnn
     decode = lambda zs: decode_latents(vae, zs)  # noqa: E731
-    episodes = {load_episode(p).policy: load_episode(p) for p in files}
+    episodes = {ep.policy: ep for ep in map(load_episode, files)}
     written = []
 
     def put(name, fig):
@@ -281,15 +281,17 @@ def render_all(out_dir: str | os.PathLike, agent_dir: str | os.PathLike, data_di
     put("02_vae_curves.png", vae_curves(records("vae_metrics.jsonl", "vae")))
     put("02_reconstructions.png", picture(vstack([recon_panel(f, r) for f, r in
                                                   zip(frames[picks], reconstruct(vae, frames[picks]))]), width=9))
-    mu, logvar = encode_frames(vae, frames)
+    mu, logvar = encode_frames(vae, frames)  # every sample frame, once; split per episode below
+    cuts = np.cumsum([len(e) for e in episodes.values()])[:-1]
+    encoded = dict(zip(episodes, zip(np.split(mu, cuts), np.split(logvar, cuts))))
     kl = viz.kl_per_dim(mu, logvar)
     put("02_kl_per_dim.png", kl_bars(kl))
     put("02_latent_sweep.png", picture(latent_sweep(decode, mu[len(mu) // 2], [int(d) for d in np.argsort(-kl)[:6]]),
                                        "each row: one dimension at -3 ... +3", width=8))
 
     put("03_mdnrnn_curves.png", mdnrnn_curves(records("mdnrnn_metrics.jsonl", "mdnrnn")))
-    ep = episodes.get("heuristic", next(iter(episodes.values())))  # a driver that stays on the road
-    ep_mu, _ = encode_frames(vae, ep.frames)
+    name = "heuristic" if "heuristic" in episodes else next(iter(episodes))  # a driver that stays on the road
+    ep, ep_mu = episodes[name], encoded[name][0]
     start = min(60, len(ep) - 2)
     steps = min(80, len(ep) - start - 1)
     dream = viz.real_vs_dream(mdnrnn, decode, ep_mu, ep.actions, start, steps, jax.random.PRNGKey(2))
@@ -300,8 +302,8 @@ def render_all(out_dir: str | os.PathLike, agent_dir: str | os.PathLike, data_di
     put("03_temperature.png", picture(vstack(rows, pad=6), "tau = 0.3 (top), 1.0, 1.6 (bottom)"))
 
     put("04_fitness.png", fitness(records("evolve_metrics.jsonl", "evolve"), "evolution of the shipped controller"))
-    mus = [encode_frames(vae, e.frames) for e in episodes.values()]
-    bank = make_start_bank([m for m, _ in mus], [lv for _, lv in mus], [e.actions for e in episodes.values()])
+    bank = make_start_bank([m for m, _ in encoded.values()], [lv for _, lv in encoded.values()],
+                           [e.actions for e in episodes.values()])
     ret, traj = rollout_trajectory(jax.random.PRNGKey(7), agent.controller, DreamParams(mdnrnn, bank), 200)
     put("04_dream_rollout.png", picture(filmstrip(decode(np.asarray(traj.z)), n=10),
                                         f"the shipped controller in M's dream: return {float(ret):.0f} "
