@@ -110,10 +110,9 @@ def torch_runner(weights: dict, frames: np.ndarray, reference: dict):
 def torch_process(conn, weights: dict, frames: np.ndarray, reference: dict, same_allocator: bool) -> None:
     """The PyTorch side, in its own process: answers "run N steps" with the seconds they took."""
     if same_allocator:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        for option, value in ((-4, 0), (-1, 2**31 - 1), (-8, 1)):  # as wmlib.reuse_freed_memory
-            libc.mallopt(option, value)
+        from wmlib import reuse_freed_memory  # importing wmlib applies it; the call says so
+
+        reuse_freed_memory()
     try:
         run, diffs = torch_runner(weights, frames, reference)
     except ImportError:
