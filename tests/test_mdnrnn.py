@@ -104,6 +104,13 @@ def test_loss_parts_match_hand_computation(model):
     np.testing.assert_allclose(loss, nll + 10 * hand + 10 * bce, rtol=1e-5)
     _, sym = mdnrnn_loss(model, z_seq, a_seq, z_next, jnp.asarray(reward), done, mask)
     np.testing.assert_allclose(sym["reward_loss"], (err[valid] ** 2).mean(), rtol=1e-5)
+    # positives weighted 4 times; reward targets below -0.5 raised to -0.5
+    _, w = mdnrnn_loss(model, z_seq, a_seq, z_next, jnp.asarray(reward), done, mask, done_pos_weight=4.0,
+                       reward_floor=-0.5)
+    d = np.asarray(done)
+    bce4 = -(4 * d * np.log(p) + (1 - d) * np.log(1 - p))[valid].mean()
+    floored = np.asarray(out.reward) - np.maximum(reward, -0.5)
+    np.testing.assert_allclose([w["done_loss"], w["reward_loss"]], [bce4, (floored[valid] ** 2).mean()], rtol=1e-5)
 
 
 def mixture_samples(out, tau, n=200_000, seed=0):

@@ -24,7 +24,7 @@ class StubAgent:
     def __init__(self):
         self.resets, self.frames = 0, []
 
-    def reset(self):
+    def reset(self, rng=None):
         self.resets += 1
 
     def act(self, frame):

@@ -17,6 +17,33 @@ PRETRAINED_DIR = PROJECT_ROOT / "data" / "pretrained"
 SAMPLE_DIR = PROJECT_ROOT / "data" / "sample"
 
 
+# ---- env seeds: three disjoint ranges, defined here once ------------------------------------------
+# Every real CarRacing episode runs on an env seed (its track). A score on tracks the method trained on,
+# or chose its controller on, is not a result, so each use has its own range:
+#   training   data collection and the sim2real iterations' collections
+#   selection  any real episode used to choose, stop or tune (real checks during evolution, picking C)
+#   test       reported scores only (README and eval.json: seeds 0..99)
+SEED_RANGES: dict[str, range] = {
+    "test": range(0, 100_000),
+    "selection": range(100_000, 1_000_000),
+    "training": range(1_000_000, 2**31 - 1),
+}
+TRAINING_SEED = SEED_RANGES["training"].start
+SELECTION_SEED = SEED_RANGES["selection"].start
+
+
+def check_seeds(use: str, first: int, count: int, what: str) -> None:
+    """Refuse env seeds first..first+count-1 for `use` ("training", "selection", "test") unless they
+    all lie in that use's range; `what` names the setting in the error."""
+    if use not in SEED_RANGES:
+        raise ValueError(f"unknown seed use {use!r}; valid: {', '.join(SEED_RANGES)}")
+    r = SEED_RANGES[use]
+    if count < 1 or first not in r or first + count - 1 not in r:
+        raise ValueError(f"{what}: env seeds {first}..{first + count - 1} are not all in the {use} range "
+                         f"{r.start}..{r.stop - 1} (the ranges: " +
+                         ", ".join(f"{k} {v.start}..{v.stop - 1}" for k, v in SEED_RANGES.items()) + ")")
+
+
 def runs_dir() -> Path:
     """Where runs are written: `WM_RUNS`, else `runs/` at the project root (gitignored)."""
     return Path(os.environ.get("WM_RUNS", PROJECT_ROOT / "runs"))
@@ -24,12 +51,25 @@ def runs_dir() -> Path:
 
 @dataclass(frozen=True)
 class CollectConfig:
-    """Real-environment data collection (paper: 10,000 random-policy rollouts)."""
+    """Real-environment data collection (paper: 10,000 random-policy rollouts).
+
+    Policy k collects `episodes[k]` episodes (default `episodes_per_policy` each) on training env
+    seeds from `seed + 100_000 * k`; sim2real iteration i collects `iteration_episodes` episodes of
+    each of `iteration_policies` (the agent itself is "controller") after those."""
     policies: tuple[str, ...] = ("brownian", "recovery", "heuristic", "random")
     episodes_per_policy: int = 12
+    episodes: tuple[int, ...] = ()
+    iteration_policies: tuple[str, ...] = ("controller", "recovery")
+    iteration_episodes: int = 12
     max_steps: int = 1000
-    seed: int = 0
+    seed: int = TRAINING_SEED
     mirror: bool = True
+
+    def plan(self) -> list[tuple[str, int]]:
+        """[(policy, episodes)] of the initial collection."""
+        if self.episodes and len(self.episodes) != len(self.policies):
+            raise ValueError(f"collect.episodes has {len(self.episodes)} entries for {len(self.policies)} policies")
+        return list(zip(self.policies, self.episodes or (self.episodes_per_policy,) * len(self.policies)))
 
 
 @dataclass(frozen=True)
@@ -60,6 +100,9 @@ class RNNConfig:
     w_reward: float = 10.0
     w_done: float = 10.0
     reward_asymmetry: float = 1.0
+    reward_floor: float = -1.0     # reward targets below are raised to it (the -100 of leaving the map)
+    offroad_done: bool = False     # the done head learns "off the road next step" (the dream ends there)
+    done_pos_weight: float = 1.0   # weight of the rare positive done targets in the BCE
     epochs: int = 20
     val_episodes: int = 2
     seed: int = 0
@@ -75,9 +118,13 @@ class EvolveConfig:
     episode_len: int = 1000
     tau: float = 1.0
     start: str = "warm"          # "warm": LSTM warmed on real frames; "real": real z, zero h; "zero"
+    road_starts: bool = False    # dreams start only at on-road frames (and episode starts), like real ones
     optimizer: str = "pycma"     # or "evosax"
     real_every: int = 10         # score the best on real episodes every K generations (0: never)
     real_episodes: int = 4
+    select_candidates: int = 0   # after evolving: the CMA mean and the best candidates of the last
+    select_episodes: int = 16    # generations, each on `select_episodes` selection-range real tracks
+    real_seed: int = SELECTION_SEED  # env seeds of every real episode that evolution uses
     seed: int = 0
 
 
@@ -106,11 +153,12 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "smoke": Preset(
         name="smoke",
-        collect=CollectConfig(policies=("brownian", "recovery"), episodes_per_policy=2, max_steps=60),
+        collect=CollectConfig(policies=("brownian", "recovery"), episodes_per_policy=2, iteration_episodes=2,
+                              max_steps=60),
         vae=VAEConfig(batch_size=16, steps=20, val_episodes=1, val_frames=32, eval_every=10),
-        rnn=RNNConfig(seq_len=16, batch_size=4, epochs=2, val_episodes=1),
+        rnn=RNNConfig(seq_len=16, batch_size=4, epochs=2, val_episodes=1, offroad_done=True, done_pos_weight=5.0),
         evolve=EvolveConfig(popsize=8, repeats=2, generations=2, episode_len=50, real_every=0,
-                            real_episodes=1),
+                            real_episodes=1, road_starts=True, select_candidates=2, select_episodes=1),
         evaluate=EvalConfig(episodes=2, max_steps=60),
         iterations=1,
     ),
@@ -123,6 +171,18 @@ PRESETS: dict[str, Preset] = {
         evolve=EvolveConfig(generations=300, real_every=25, real_episodes=16),
         evaluate=EvalConfig(episodes=100),
         iterations=3,
+    ),
+    # the shipped dream-trained agent (`wm pipeline --preset results`, data/pretrained)
+    "results": Preset(
+        name="results",
+        collect=CollectConfig(policies=("recovery", "heuristic", "brownian"), episodes=(200, 60, 100),
+                              iteration_policies=("controller", "recovery"), iteration_episodes=50),
+        vae=VAEConfig(steps=4000),
+        rnn=RNNConfig(seq_len=200, epochs=12, offroad_done=True, done_pos_weight=5.0, reward_asymmetry=2.0),
+        evolve=EvolveConfig(generations=40, episode_len=200, road_starts=True, real_every=0, select_candidates=4,
+                            select_episodes=16),
+        evaluate=EvalConfig(episodes=100),
+        iterations=2,
     ),
 }
 

@@ -20,7 +20,7 @@ from typing import Iterable
 
 import numpy as np
 
-from wmlib.env import FRAME_SHAPE
+from wmlib.env import FRAME_SHAPE, offroad_steps, track_of_seed
 from wmlib.files import atomic_write, write_json
 
 EPISODE_FORMAT = 1
@@ -65,6 +65,20 @@ class Episode:
         if self.terminated and len(self):
             d[-1] = 1.0
         return d
+
+    def offroad(self, track: np.ndarray | None = None) -> np.ndarray:
+        """(T,) float32: 1 where action t left the car off the road (its centre beyond the road's half
+        width at step t+1; the last step counts as its own) or drove it off the map (reward -100).
+        The target of M's done head when the dream should end off the road. All zeros when the
+        episode has no car positions. `track` (the seed's centre line) saves regenerating it."""
+        off = np.zeros(len(self), np.float32)
+        if "car_xy" in self.info and len(self):
+            xy = np.asarray(self.info["car_xy"], np.float32)
+            off = offroad_steps(np.concatenate([xy[1:], xy[-1:]]), track_of_seed(self.seed) if track is None
+                                else track).astype(np.float32)
+        if self.terminated and len(self) and self.rewards[-1] <= -50:
+            off[-1] = 1.0
+        return off
 
     def summary(self) -> dict:
         return {"policy": self.policy, "seed": self.seed, "steps": len(self), "return": self.total_reward,
@@ -220,7 +234,8 @@ def encode_collection(folder: str | os.PathLike, encode_fn, vae_id: str, mirror:
     """Encode every episode of a collection with `encode_fn(frames) -> (mu, logvar)`.
 
     Each episode becomes FOLDER/encoded/VAE_ID/NAME.npz with mu, logvar (T, z_dim), actions,
-    rewards, dones and the V's id, written atomically; existing files are skipped (resumable). With
+    rewards, dones, offroad (`Episode.offroad`) and the V's id, written atomically; existing files
+    are skipped (resumable). With
     `mirror`, episodes without a stored mirror image also get the encoding of their mirrored frames.
     """
     from tqdm.auto import tqdm
@@ -235,22 +250,28 @@ def encode_collection(folder: str | os.PathLike, encode_fn, vae_id: str, mirror:
     if mirror:
         jobs += [(p, True) for p in files if not p.stem.endswith("_mirror")
                  and p.name.replace(".npz", "_mirror.npz") not in names]
+    tracks: dict[int, np.ndarray] = {}  # an episode and its mirror image share a track
     for path, flip in tqdm(jobs, desc="encode", unit="ep", disable=not progress):
         target = out / (path.name.replace(".npz", "_mirror.npz") if flip else path.name)
         if target.exists():
             continue
         ep = load_episode(path)
+        if "car_xy" in ep.info and ep.seed not in tracks:
+            tracks[ep.seed] = track_of_seed(ep.seed)
+        offroad = ep.offroad(tracks.get(ep.seed))
         if flip:
             ep = mirror_episode(ep)
         mu, logvar = encode_fn(ep.frames)
         with atomic_write(target) as f:
             np.savez(f, mu=np.asarray(mu, np.float32), logvar=np.asarray(logvar, np.float32),
-                     actions=ep.actions, rewards=ep.rewards, dones=ep.dones, vae_id=np.str_(vae_id))
+                     actions=ep.actions, rewards=ep.rewards, dones=ep.dones, offroad=offroad,
+                     vae_id=np.str_(vae_id))
     return out
 
 
 def load_encoded(folder: str | os.PathLike, vae_id: str) -> dict[str, dict[str, np.ndarray]]:
-    """All encodings of a collection by V `vae_id`: {episode name: {mu, logvar, actions, rewards, dones}}."""
+    """All encodings of a collection by V `vae_id`: {episode name: {mu, logvar, actions, rewards, dones,
+    offroad}} (offroad all zeros in encodings made before it was recorded)."""
     path = encoded_dir(folder, vae_id)
     files = sorted(path.glob("*.npz")) if path.is_dir() else []
     if not files:
@@ -265,6 +286,7 @@ def load_encoded(folder: str | os.PathLike, vae_id: str) -> dict[str, dict[str, 
                 if str(z["vae_id"]) != vae_id:
                     raise EpisodeError(f"{p} was encoded by V {z['vae_id']}, not {vae_id}")
                 episodes[p.name] = {k: z[k] for k in ("mu", "logvar", "actions", "rewards", "dones")}
+                episodes[p.name]["offroad"] = z["offroad"] if "offroad" in z.files else np.zeros_like(z["rewards"])
         except (zipfile.BadZipFile, EOFError, OSError, KeyError, ValueError) as e:
             if isinstance(e, EpisodeError):
                 raise
@@ -305,7 +327,7 @@ class SequenceSampler:
         return self._windows
 
     def batch(self, index: int) -> dict[str, np.ndarray]:
-        """dict of mu, logvar (B, T+1, z), action (B, T, 3), reward, done (B, T), mask (B, T+1)."""
+        """dict of mu, logvar (B, T+1, z), action (B, T, 3), reward, done, offroad (B, T), mask (B, T+1)."""
         epoch, k = divmod(index, self.batches_per_epoch)
         windows = self._epoch_windows(epoch)
         picked = [windows[(k * self.batch_size + j) % len(windows)] for j in range(self.batch_size)]
@@ -316,7 +338,8 @@ class SequenceSampler:
         B = len(picked)
         out = {"mu": np.zeros((B, T + 1, z_dim), np.float32), "logvar": np.zeros((B, T + 1, z_dim), np.float32),
                "action": np.zeros((B, T, 3), np.float32), "reward": np.zeros((B, T), np.float32),
-               "done": np.zeros((B, T), np.float32), "mask": np.zeros((B, T + 1), np.float32)}
+               "done": np.zeros((B, T), np.float32), "offroad": np.zeros((B, T), np.float32),
+               "mask": np.zeros((B, T + 1), np.float32)}
         for b, (i, s) in enumerate(picked):
             e = self.episodes[i]
             n = min(T + 1, len(e["mu"]) - s)
@@ -324,6 +347,8 @@ class SequenceSampler:
             m = min(T, len(e["mu"]) - s)
             out["action"][b, :m], out["reward"][b, :m], out["done"][b, :m] = \
                 e["actions"][s:s + m], e["rewards"][s:s + m], e["dones"][s:s + m]
+            if "offroad" in e:
+                out["offroad"][b, :m] = e["offroad"][s:s + m]
         return out
 
     def all_windows(self) -> list[dict[str, np.ndarray]]:

@@ -58,11 +58,12 @@ class StartBank(eqx.Module):
 
 
 def make_start_bank(mus: Sequence[np.ndarray], logvars: Sequence[np.ndarray], actions: Sequence[np.ndarray],
-                    warmup: int = 32, stride: int = 1) -> StartBank:
+                    warmup: int = 32, stride: int = 1, start_ok: Sequence[np.ndarray] | None = None) -> StartBank:
     """Per-episode V posteriors (T_i, z_dim) and actions (T_i, action_dim) -> StartBank.
 
-    Every `stride`-th frame of every episode becomes a possible start; a warm start replays the up
-    to `warmup` (z, a) steps before it.
+    Every `stride`-th frame of every episode becomes a possible start (only those where
+    `start_ok[i]`, a (T_i,) bool array, is true, when given); a warm start replays the up to
+    `warmup` (z, a) steps before it.
     """
     if not len(mus) or len(mus) != len(logvars) or len(mus) != len(actions):
         raise ValueError(f"make_start_bank needs the same positive number of mu, logvar and action arrays, "
@@ -73,7 +74,12 @@ def make_start_bank(mus: Sequence[np.ndarray], logvars: Sequence[np.ndarray], ac
                              f"with T > 0, got {m.shape}, {lv.shape} and {a.shape}")
     lengths = np.array([len(m) for m in mus])
     first = np.repeat(np.cumsum(lengths) - lengths, lengths)
-    starts = np.concatenate([f + np.arange(0, n, stride) for f, n in zip(np.cumsum(lengths) - lengths, lengths)])
+    picks = [np.arange(0, n, stride) for n in lengths]
+    if start_ok is not None:
+        picks = [p[np.asarray(ok, bool)[p]] for p, ok in zip(picks, start_ok)]
+    starts = np.concatenate([f + p for f, p in zip(np.cumsum(lengths) - lengths, picks)])
+    if not len(starts):
+        raise ValueError("make_start_bank: no frame is allowed as a start (start_ok is false everywhere)")
     as_f32 = lambda xs: jnp.asarray(np.concatenate(xs), jnp.float32)  # noqa: E731
     return StartBank(as_f32(mus), as_f32(logvars), as_f32(actions), jnp.asarray(first, jnp.int32),
                      jnp.asarray(starts, jnp.int32), warmup)
@@ -140,6 +146,20 @@ def reset(key: jax.Array, params: DreamParams) -> DreamState:
             (h, c), _ = jax.lax.scan(warm, (h, c), (zs, b.action[idx], valid))
     false = jnp.zeros((), bool)
     return DreamState(z, h, c, jnp.zeros((), jnp.int32), false, false)
+
+
+def road_starts(offroad: np.ndarray, ahead: int = 20) -> np.ndarray:
+    """(T,) bool: frames a dream may start at like a real episode does: the episode's first frame, and
+    frames after which the car stays on the road for the next `ahead` steps (`offroad` as recorded by
+    `data.Episode.offroad`)."""
+    off = np.asarray(offroad) > 0.5
+    T = len(off)
+    # soon[t]: an off-road flag among steps t-1 .. t+ahead-1 (the action into frame t and `ahead` after it)
+    cum = np.concatenate([[0], np.cumsum(off)])
+    lo, hi = np.clip(np.arange(T) - 1, 0, T), np.clip(np.arange(T) + ahead, 0, T)
+    ok = cum[hi] - cum[lo] == 0
+    ok[:1] = True
+    return ok
 
 
 def observation(state: DreamState) -> Float[Array, "obs"]:

@@ -29,6 +29,7 @@ import pygame
 from gymnasium.envs.box2d import car_dynamics
 from gymnasium.envs.box2d.car_racing import (
     GRASS_DIM,
+    TRACK_WIDTH,
     MAX_SHAPE_DIM,
     PLAYFIELD,
     SCALE,
@@ -48,6 +49,7 @@ FRAME_SHAPE = (64, 64, 3)
 CROP_ROWS = 84  # rows 0..83 show the road; rows 84..95 are the indicator bar
 ENV_ID = "CarRacing-v3"
 FAST_ENV_ID = "wmlib/CarRacingFast-v3"  # registered in wmlib/__init__.py
+TRACK_HALF_WIDTH = TRACK_WIDTH  # world units: the road spans +-TRACK_WIDTH around its centre line
 
 
 def make_env(render_mode: str | None = None, fast: bool = True, **kwargs) -> gym.Env:
@@ -58,6 +60,21 @@ def make_env(render_mode: str | None = None, fast: bool = True, **kwargs) -> gym
     (lap_complete_percent, domain_randomize, continuous, ...).
     """
     return gym.make(FAST_ENV_ID if fast else ENV_ID, render_mode=render_mode, **kwargs)
+
+
+def track_of_seed(seed: int) -> np.ndarray:
+    """The centre line (N, 2) of the track that env seed `seed` generates (the real track, no driving)."""
+    env = make_env()
+    env.reset(seed=seed)
+    track = np.array([(x, y) for _, _, x, y in env.unwrapped.track], np.float32)
+    env.close()
+    return track
+
+
+def offroad_steps(car_xy: np.ndarray, track_xy: np.ndarray) -> np.ndarray:
+    """(T,) bool: the car's centre is farther from the track's centre line than the road's half width."""
+    d2 = ((car_xy[:, None, :] - track_xy[None, :, :]) ** 2).sum(-1).min(axis=1)
+    return np.sqrt(d2) > TRACK_HALF_WIDTH
 
 
 def preprocess(obs: np.ndarray) -> np.ndarray:

@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from wmlib.data import Episode, episode_name, save_episode
+from wmlib.env import TRACK_HALF_WIDTH, offroad_steps, track_of_seed  # noqa: F401 (the lessons import them here)
 from wmlib.mdnrnn import MDNRNN, MDNOutputs
 from wmlib.rollouts import EpisodeSpec, default_workers, parallel_map, run_episode
 
-TRACK_HALF_WIDTH = 40 / 6.0  # CarRacing's TRACK_WIDTH in world units (the road is +-this from the centre line)
 
 
 def _evaluate_one(args: tuple) -> dict:
@@ -38,7 +38,8 @@ def evaluate(agent_dir: str | os.PathLike, episodes: int, seed: int = 0, workers
              controller_params: np.ndarray | None = None, keep_raw: bool = False, progress: bool = True) -> dict:
     """Score the agent in `agent_dir` on `episodes` real episodes (env seeds seed..seed+episodes-1).
 
-    Returns {"mean", "std", "episodes", "seed", "scores", "failed"}; an episode whose worker crashed
+    Returns {"mean", "std", "episodes", "seed", "scores", "frames", "failed"} (frames: real steps
+    driven in all, for the budget of the method); an episode whose worker crashed
     is listed in "failed" with its seed and error, and the other episodes' scores are kept.
     With `save_dir` the episodes are saved (for videos, filmstrips and the sim2real analysis), with
     the raw 96x96 observations too when `keep_raw`.
@@ -55,17 +56,18 @@ def evaluate(agent_dir: str | os.PathLike, episodes: int, seed: int = 0, workers
         kwargs["controller_params"] = np.asarray(controller_params, np.float32).tolist()
     specs = [(EpisodeSpec("controller", seed + i, max_steps, fast, kwargs, keep_raw), str(save_dir) if save_dir else None)
              for i in range(episodes)]
-    scores, failed = {}, []
+    scores, failed, frames = {}, [], 0
     for (spec, _), result, error in parallel_map(_evaluate_one, specs, workers or default_workers(),
                                                  desc="evaluate", frames_of=lambda r: r["steps"], progress=progress):
         if error is None:
             scores[spec.seed] = result["return"]
+            frames += result["steps"]
         else:
             failed.append({"seed": spec.seed, "error": f"{type(error).__name__}: {error}"})
     values = [scores[s] for s in sorted(scores)]
     return {"mean": float(np.mean(values)) if values else float("nan"),
             "std": float(np.std(values)) if values else float("nan"), "episodes": episodes, "seed": seed,
-            "scores": values, "failed": failed}
+            "scores": values, "frames": frames, "failed": failed}
 
 
 class RealFitness:
@@ -167,23 +169,6 @@ def latent_error_vs_horizon(mdnrnn: MDNRNN, z: np.ndarray, actions: np.ndarray, 
         raise ValueError(f"episode of {len(z)} steps is too short for horizon {horizon}")
     err = _open_loop(mdnrnn, jnp.asarray(z), jnp.asarray(actions), jnp.asarray(starts), horizon)
     return np.asarray(err).mean(axis=0)
-
-
-def offroad_steps(car_xy: np.ndarray, track_xy: np.ndarray) -> np.ndarray:
-    """(T,) bool: the car's centre is farther from the track's centre line than the road's half width."""
-    d2 = ((car_xy[:, None, :] - track_xy[None, :, :]) ** 2).sum(-1).min(axis=1)
-    return np.sqrt(d2) > TRACK_HALF_WIDTH
-
-
-def track_of_seed(seed: int) -> np.ndarray:
-    """The centre line (N, 2) of the track that env seed `seed` generates (the real track, no driving)."""
-    from wmlib.env import make_env
-
-    env = make_env()
-    env.reset(seed=seed)
-    track = np.array([(x, y) for _, _, x, y in env.unwrapped.track], np.float32)
-    env.close()
-    return track
 
 
 def worst_moment(rewards: np.ndarray, window: int = 50) -> int:

@@ -11,7 +11,9 @@ workers. Each generation is checkpointed so `evolve` resumes exactly where it st
     executes code on load). We store instead what determines it: the seed, the start point and every
     generation's fitness values. pycma's sampling draws from our own seeded generator, so a resumed
     run rebuilds the exact state by replaying ask/tell with the stored fitness, then continues.
-Files in the run folder: es_state.npz, controller.eqx (best so far), metrics.jsonl (stage "evolve").
+Files in the run folder: es_state.npz, controller.eqx (best so far), metrics.jsonl (stage "evolve"),
+history.npz: every generation's search mean and its best candidates with their returns (`history`),
+from which a controller is chosen by real episodes and the dream's fidelity is measured.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from wmlib.files import append_jsonl, atomic_write, read_jsonl
 
 OPTIMIZERS = ("pycma", "evosax")
 STATE_FILE = "es_state.npz"
+HISTORY_FILE = "history.npz"
+HISTORY_TOP = 4  # best candidates kept per generation
 
 
 def _loss(returns: np.ndarray) -> np.ndarray:
@@ -139,6 +143,16 @@ def cma_trace(f: Callable[[np.ndarray], float], x0, sigma0: float = 0.5, popsize
     return trace
 
 
+def history(run_dir: str | os.PathLike) -> dict[str, np.ndarray]:
+    """An evolution run's history: mean (G, n), the search mean after each generation's update; top
+    (G, k, n) and top_return (G, k), each generation's k best candidates and their mean returns."""
+    path = Path(run_dir) / HISTORY_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: {run_dir} is not a finished or resumable evolution run")
+    with np.load(path) as z:
+        return {k: z[k] for k in ("mean", "top", "top_return")}
+
+
 @dataclass
 class EvolveResult:
     best_params: np.ndarray     # flat controller parameters with the best mean return seen
@@ -170,6 +184,9 @@ def evolve(fitness: Callable[[jax.Array, np.ndarray], np.ndarray], n_params: int
         return jax.random.fold_in(base_key, g)
 
     start, best_params, best_return = 0, x0, -math.inf
+    hist: dict[str, list] = {"mean": [], "top": [], "top_return": []}
+    if (run_dir / HISTORY_FILE).exists() and state_path.exists():
+        hist = {k: list(v) for k, v in history(run_dir).items()}
     if state_path.exists():
         with np.load(state_path) as z:
             arrays = {k: z[k] for k in z.files}
@@ -192,6 +209,11 @@ def evolve(fitness: Callable[[jax.Array, np.ndarray], np.ndarray], n_params: int
             mean_returns = returns.mean(axis=1)
             es.tell(tell_key, solutions, _loss(mean_returns))
             i = int(np.argmax(mean_returns))
+            order = np.argsort(-mean_returns)[:HISTORY_TOP]
+            for k, v in (("mean", es.mean), ("top", solutions[order]), ("top_return", mean_returns[order])):
+                hist[k] = hist[k][:g] + [np.asarray(v, np.float64)]
+            with atomic_write(run_dir / HISTORY_FILE) as f:
+                np.savez(f, **{k: np.stack(v) for k, v in hist.items()})
             if mean_returns[i] > best_return:
                 best_return, best_params = float(mean_returns[i]), solutions[i].copy()
                 save_controller(run_dir / "controller.eqx", from_flat(jnp.asarray(best_params, jnp.float32), z_dim, hidden),
@@ -203,7 +225,8 @@ def evolve(fitness: Callable[[jax.Array, np.ndarray], np.ndarray], n_params: int
                 record["real_frames"] = fitness.frames  # real environment frames this generation used
             if real_score is not None and cfg.real_every and (g + 1) % cfg.real_every == 0:
                 real = real_score(best_params)
-                record.update(real_mean=real["mean"], real_std=real["std"], real_episodes=len(real["scores"]))
+                record.update(real_mean=real["mean"], real_std=real["std"], real_episodes=len(real["scores"]),
+                              real_frames_checked=real.get("frames", 0))
             with atomic_write(state_path) as f:
                 np.savez(f, optimizer=np.str_(cfg.optimizer), generation=np.int64(g + 1),
                          best_params=best_params, best_return=np.float64(best_return), **es.state_arrays())

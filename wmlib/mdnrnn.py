@@ -162,21 +162,26 @@ def mdnrnn_loss(model: MDNRNN, z_seq: Float[Array, "B T z_dim"], a_seq: Float[Ar
                 z_next: Float[Array, "B T z_dim"], reward: Float[Array, "B T"], done: Float[Array, "B T"],
                 mask: Float[Array, "B T"], z_mask: Float[Array, "B T"] | None = None, *,
                 w_mdn: float = 1.0, w_reward: float = 10.0, w_done: float = 10.0,
-                reward_asymmetry: float = 1.0) -> tuple[Array, dict]:
+                reward_asymmetry: float = 1.0, reward_floor: float = -math.inf,
+                done_pos_weight: float = 1.0) -> tuple[Array, dict]:
     """Loss of a batch of sequences -> (loss, {"nll", "reward_loss", "done_loss"}).
 
     loss = w_mdn * NLL + w_reward * reward loss + w_done * done BCE (defaults 1 / 10 / 10), each a mean
     over the valid steps (mask 1; padding 0). NLL is per step per latent dimension. The reward loss
     is a squared error in which over-prediction (predicted > real) counts `reward_asymmetry` times
     (1: plain MSE), so a dream that promises reward the real track would not give is penalised more.
-    `z_mask` (default `mask`) marks the steps whose next latent exists: the last step of an episode
+    Reward targets below `reward_floor` are raised to it (the -100 of leaving the map would otherwise
+    dominate the squared error; the done head carries that event). In the done BCE the rare positive
+    targets weigh `done_pos_weight` times (so the head fires on them at all). `z_mask` (default `mask`) marks the steps whose next latent exists: the last step of an episode
     has a reward and a done target but no next frame.
     """
     out = jax.vmap(model.forward_sequence)(z_seq, a_seq)
     nll = _masked_mean(-jnp.mean(mdn_log_prob(out, z_next), axis=-1), mask if z_mask is None else z_mask)
-    err = out.reward - reward
+    err = out.reward - jnp.maximum(reward, reward_floor)
     reward_loss = _masked_mean(jnp.where(err > 0, reward_asymmetry, 1.0) * err * err, mask)
-    done_loss = _masked_mean(optax.sigmoid_binary_cross_entropy(out.done_logit, done), mask)
+    bce = -(done_pos_weight * done * jax.nn.log_sigmoid(out.done_logit)
+            + (1.0 - done) * jax.nn.log_sigmoid(-out.done_logit))
+    done_loss = _masked_mean(bce, mask)
     loss = w_mdn * nll + w_reward * reward_loss + w_done * done_loss
     return loss, {"nll": nll, "reward_loss": reward_loss, "done_loss": done_loss}
 
@@ -188,14 +193,15 @@ taken at each of the first T frames; reward, done (B, T): what followed each act
 1 where the frame exists (windows at an episode's end are zero-padded; pad with zeros, not NaN)."""
 
 
-def _sequences(batch: Batch, key: jax.Array | None):
-    """Batch -> the arguments of `mdnrnn_loss`; z drawn from N(mu, exp(logvar)) given a key, else mu."""
+def _sequences(batch: Batch, key: jax.Array | None, offroad_done: bool = False):
+    """Batch -> the arguments of `mdnrnn_loss`; z drawn from N(mu, exp(logvar)) given a key, else mu.
+    The done target is the episode's end, or with `offroad_done` the car leaving the road."""
     z = batch["mu"]
     if key is not None:
         z = z + jnp.exp(0.5 * batch["logvar"]) * jax.random.normal(key, z.shape)
     mask = batch["mask"]
-    return (z[:, :-1], batch["action"], z[:, 1:], batch["reward"], batch["done"], mask[:, :-1],
-            mask[:, :-1] * mask[:, 1:])
+    return (z[:, :-1], batch["action"], z[:, 1:], batch["reward"], batch["offroad" if offroad_done else "done"],
+            mask[:, :-1], mask[:, :-1] * mask[:, 1:])
 
 
 def make_loss_fn(cfg: RNNConfig = RNNConfig()):
@@ -205,8 +211,9 @@ def make_loss_fn(cfg: RNNConfig = RNNConfig()):
     latents every epoch; here every batch), so M learns from V's uncertainty, not only its means.
     """
     def loss_fn(model: MDNRNN, batch: Batch, key: jax.Array):
-        return mdnrnn_loss(model, *_sequences(batch, key), w_mdn=cfg.w_mdn, w_reward=cfg.w_reward,
-                           w_done=cfg.w_done, reward_asymmetry=cfg.reward_asymmetry)
+        return mdnrnn_loss(model, *_sequences(batch, key, cfg.offroad_done), w_mdn=cfg.w_mdn,
+                           w_reward=cfg.w_reward, w_done=cfg.w_done, reward_asymmetry=cfg.reward_asymmetry,
+                           reward_floor=cfg.reward_floor, done_pos_weight=cfg.done_pos_weight)
     return loss_fn
 
 
@@ -222,8 +229,8 @@ def make_train_step(optimizer: optax.GradientTransformation | None = None, cfg: 
 
 
 @eqx.filter_jit
-def _metric_sums(model: MDNRNN, batch: Batch) -> dict:
-    z_seq, a_seq, z_next, reward, done, mask, z_mask = _sequences(batch, None)
+def _metric_sums(model: MDNRNN, batch: Batch, offroad_done: bool = False) -> dict:
+    z_seq, a_seq, z_next, reward, done, mask, z_mask = _sequences(batch, None, offroad_done)
     out = jax.vmap(model.forward_sequence)(z_seq, a_seq)
     on = mask > 0
     r, p = jnp.where(on, reward, 0.0), jnp.where(on, out.reward, 0.0)
@@ -235,14 +242,15 @@ def _metric_sums(model: MDNRNN, batch: Batch) -> dict:
             "fp": jnp.sum(pred & ~real), "fn": jnp.sum(~pred & real)}
 
 
-def validation_metrics(model: MDNRNN, batches: Iterable[Batch]) -> dict:
+def validation_metrics(model: MDNRNN, batches: Iterable[Batch], offroad_done: bool = False) -> dict:
     """Held-out metrics over batches (inputs are V's means, no sampling):
     nll_per_step (summed over latent dims), nll_per_dim, reward_mae, reward_corr (Pearson),
-    done_precision and done_recall (predicted done when sigmoid(logit) > 0.5; NaN when undefined).
+    done_precision and done_recall (predicted done when sigmoid(logit) > 0.5; NaN when undefined)
+    of the done target M was trained on (`offroad_done`: leaving the road).
     """
     s: dict[str, float] = {}
     for batch in batches:
-        for k, v in _metric_sums(model, batch).items():
+        for k, v in _metric_sums(model, batch, offroad_done).items():
             s[k] = s.get(k, 0.0) + float(v)
     if not s or s["n"] == 0:
         raise ValueError("validation_metrics got no valid steps (empty batches or all-zero masks)")
@@ -278,7 +286,7 @@ def train_mdnrnn(encoded: dict[str, dict[str, np.ndarray]], run_dir: str | os.Pa
         raise ValueError(f"the initial M has z_dim {model.z_dim} but the encodings have z_dim {z_dim}")
     return fit(model, make_optimizer(cfg), make_loss_fn(cfg), sampler.batch, cfg.epochs * sampler.batches_per_epoch,
                run_dir, "mdnrnn", "mdnrnn", mdnrnn_hyper(model), seed=cfg.seed,
-               evaluate=(lambda m: validation_metrics(m, val_batches)) if val_batches else None,
+               evaluate=(lambda m: validation_metrics(m, val_batches, cfg.offroad_done)) if val_batches else None,
                eval_every=sampler.batches_per_epoch, extra={"vae_id": vae_id}, progress=progress)
 
 

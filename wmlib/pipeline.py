@@ -4,10 +4,15 @@ A run folder holds every stage's output:
   config.json       the preset the run was started with
   data/             real episodes of every policy (and, after iterations, the agent's own), encoded/
   vae/ mdnrnn/      checkpoints and metrics of V and M
-  evolve/           the CMA-ES state, metrics and best controller
+  evolve/           the CMA-ES state, history and metrics, the best dream controller, and (with
+                    select_candidates) selection.json: candidates scored on selection-range tracks
   agent/            V, M and C together: what `wm evaluate --agent` reads
   iter_K/           each sim2real iteration: its M, evolution, agent and evaluation
   stages.json       which stages are done and their wall time; a re-run skips them
+
+Env seeds: collections use the training range, every real episode that helps choose C the selection
+range, and only the final evaluation the test range (`config.SEED_RANGES`; `seed_plan` lists them
+and a run refuses to start when one falls outside its range).
 """
 
 from __future__ import annotations
@@ -21,11 +26,37 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from wmlib.config import Preset
+from wmlib.config import Preset, check_seeds
 from wmlib.data import load_encoded, read_manifest
 from wmlib.files import read_jsonl, write_json
 
 DATA_SEED_STRIDE = 100_000  # policy k / iteration i collect on env seeds base + stride * (k or i)
+
+
+def iteration_seed(preset: Preset, i: int) -> int:
+    """First env seed of sim2real iteration i's collections (after the initial policies' blocks)."""
+    return preset.collect.seed + DATA_SEED_STRIDE * (len(preset.collect.policies) + i)
+
+
+def seed_plan(preset: Preset) -> list[tuple[str, str, int, int]]:
+    """Every block of real env seeds a pipeline run of `preset` drives on: (use, what, first, count)
+    with use "training", "selection" or "test" (`config.SEED_RANGES`)."""
+    c, e = preset.collect, preset.evolve
+    plan = [("training", f"collect {p}", c.seed + DATA_SEED_STRIDE * k, n) for k, (p, n) in enumerate(c.plan())]
+    plan += [("training", f"iter_{i} collect", iteration_seed(preset, i), c.iteration_episodes)
+             for i in range(1, preset.iterations + 1) if c.iteration_policies]
+    if e.real_every:
+        plan.append(("selection", "evolve real checks", e.real_seed, e.real_episodes))
+    if e.select_candidates:
+        plan.append(("selection", "select C", e.real_seed, e.select_episodes))
+    plan.append(("test", "evaluate", preset.evaluate.seed, preset.evaluate.episodes))
+    return plan
+
+
+def check_seed_plan(preset: Preset) -> None:
+    """Refuse a preset that would train or select on test tracks (or report on training ones)."""
+    for use, what, first, count in seed_plan(preset):
+        check_seeds(use, first, count, f"preset {preset.name!r}, {what}")
 
 
 class Stages:
@@ -84,9 +115,9 @@ def collect_data(preset: Preset, data_dir: Path, workers: int | None, fast: bool
     from wmlib.rollouts import collect
 
     c = preset.collect
-    for k, policy in enumerate(c.policies):
-        collect(policy, c.episodes_per_policy, data_dir, seed=c.seed + DATA_SEED_STRIDE * k, workers=workers,
-                max_steps=c.max_steps, fast=fast)
+    for k, (policy, episodes) in enumerate(c.plan()):
+        collect(policy, episodes, data_dir, seed=c.seed + DATA_SEED_STRIDE * k, workers=workers,
+                max_steps=c.max_steps, mirror=c.mirror, fast=fast)
 
 
 def encode(data_dir: Path, vae_path: Path, mirror: bool) -> str:
@@ -99,13 +130,22 @@ def encode(data_dir: Path, vae_path: Path, mirror: bool) -> str:
     return vae_id
 
 
-def dream_fitness(mdnrnn, encoded: dict, cfg):
-    """CMA-ES fitness in the dream: one jitted call for the whole population."""
-    from wmlib.dream import DreamParams, make_start_bank, population_returns
+def dream_params(mdnrnn, encoded: dict, cfg, horizon: int | None = None):
+    """The dream of an evolution config: starts from the encoded real frames (on-road ones and episode
+    starts with `cfg.road_starts`), `horizon` steps (default `cfg.episode_len`)."""
+    from wmlib.dream import DreamParams, make_start_bank, road_starts
 
     eps = list(encoded.values())
-    bank = make_start_bank([e["mu"] for e in eps], [e["logvar"] for e in eps], [e["actions"] for e in eps])
-    params = DreamParams(mdnrnn, bank, tau=cfg.tau, max_steps=cfg.episode_len, start=cfg.start)
+    bank = make_start_bank([e["mu"] for e in eps], [e["logvar"] for e in eps], [e["actions"] for e in eps],
+                           start_ok=[road_starts(e["offroad"]) for e in eps] if cfg.road_starts else None)
+    return DreamParams(mdnrnn, bank, tau=cfg.tau, max_steps=horizon or cfg.episode_len, start=cfg.start)
+
+
+def dream_fitness(mdnrnn, encoded: dict, cfg):
+    """CMA-ES fitness in the dream: one jitted call for the whole population."""
+    from wmlib.dream import population_returns
+
+    params = dream_params(mdnrnn, encoded, cfg)
     return lambda key, x: population_returns(key, jnp.asarray(x), params, cfg.repeats, cfg.episode_len)
 
 
@@ -120,11 +160,49 @@ def evolve_in_dream(agent_dir: Path, data_dir: Path, vae_id: str, out: Path, cfg
     fitness = dream_fitness(mdnrnn, load_encoded(data_dir, vae_id), cfg)
 
     def real_score(params):
-        return evaluate(agent_dir, cfg.real_episodes, seed=cfg.seed, workers=workers, fast=fast,
+        return evaluate(agent_dir, cfg.real_episodes, seed=cfg.real_seed, workers=workers, fast=fast,
                         controller_params=params, progress=False)
 
     return evolve(fitness, n_params(mdnrnn.z_dim, mdnrnn.hidden), cfg, out, z_dim=mdnrnn.z_dim,
                   hidden=mdnrnn.hidden, x0=x0, real_score=real_score if cfg.real_every else None)
+
+
+def select_controller(agent_dir: Path, evolve_dir: Path, cfg, workers: int | None = None, fast: bool = True) -> dict:
+    """Choose C by reality, not by the dream: the final search mean and the `select_candidates - 1`
+    best candidates of the last 5 generations (by dream return) each drive `select_episodes` real
+    episodes on selection-range tracks; the best real mean wins. Writes EVOLVE_DIR/selected.eqx and
+    selection.json (every candidate's scores and the real frames used)."""
+    from wmlib.controller import from_flat, save_controller
+    from wmlib.evaluate import evaluate
+    from wmlib.evolve import history
+    from wmlib.mdnrnn import load_mdnrnn
+
+    h = history(evolve_dir)
+    top, top_ret = h["top"][-5:].reshape(-1, h["top"].shape[-1]), h["top_return"][-5:].reshape(-1)
+    order = np.argsort(-top_ret)[:max(cfg.select_candidates - 1, 0)]
+    candidates = [("mean", h["mean"][-1], float("nan"))] + [(f"top_{j}", top[i], float(top_ret[i]))
+                                                           for j, i in enumerate(order)]
+    rows = []
+    for name, x, dream in candidates:
+        r = evaluate(agent_dir, cfg.select_episodes, seed=cfg.real_seed, workers=workers, fast=fast,
+                     controller_params=x, progress=False)
+        rows.append({"name": name, "dream_return": dream, "real_mean": r["mean"], "real_std": r["std"],
+                     "scores": r["scores"], "frames": r["frames"]})
+        print(f"  candidate {name}: dream {dream:.1f}, real {r['mean']:.1f} +- {r['std']:.1f} "
+              f"({cfg.select_episodes} selection tracks)")
+    best = int(np.argmax([r["real_mean"] for r in rows]))
+    m, _ = load_mdnrnn(agent_dir / "mdnrnn.eqx")
+    save_controller(evolve_dir / "selected.eqx", from_flat(jnp.asarray(candidates[best][1], jnp.float32), m.z_dim,
+                                                           m.hidden), extra={"selected": rows[best]["name"]})
+    result = {"chosen": rows[best]["name"], "seed": cfg.real_seed, "episodes": cfg.select_episodes,
+              "frames": sum(r["frames"] for r in rows), "candidates": rows}
+    write_json(evolve_dir / "selection.json", result)
+    return result
+
+
+def chosen_controller(evolve_dir: Path, cfg) -> Path:
+    """The controller an evolution stage hands on: the selected one, else the best in the dream."""
+    return evolve_dir / ("selected.eqx" if cfg.select_candidates else "controller.eqx")
 
 
 def evolve_in_real(agent_dir: Path, out: Path, cfg, max_steps: int = 1000, x0=None, workers: int | None = None,
@@ -165,15 +243,19 @@ def train_stages(run_dir: Path, preset: Preset, stages: Stages, workers: int | N
     agent = assemble_agent(run_dir / "agent", vae_path, run_dir / "mdnrnn" / "mdnrnn.eqx")
     stages.run("evolve", evolve_in_dream, agent, data_dir, vae_id, run_dir / "evolve", preset.evolve,
                workers=workers, fast=fast)
-    assemble_agent(agent, vae_path, run_dir / "mdnrnn" / "mdnrnn.eqx", run_dir / "evolve" / "controller.eqx")
+    if preset.evolve.select_candidates:
+        stages.run("select", select_controller, agent, run_dir / "evolve", preset.evolve, workers, fast)
+    assemble_agent(agent, vae_path, run_dir / "mdnrnn" / "mdnrnn.eqx", chosen_controller(run_dir / "evolve",
+                                                                                         preset.evolve))
     stages.run("evaluate", evaluate_agent, agent, preset, run_dir / "eval.json", workers, fast)
 
 
 def iterate(run_dir: Path, i: int, preset: Preset, stages: Stages, workers: int | None = None,
             fast: bool = True) -> None:
-    """Sim2real iteration i (1, 2, ...): the current agent's own episodes (its failures) and fresh
-    recovery episodes join the data; M is fine-tuned on the union (mirrored encodings included),
-    C is re-evolved from the previous best, and the new agent is evaluated."""
+    """Sim2real iteration i (1, 2, ...): episodes of `collect.iteration_policies` (the current agent's
+    own, "controller", where it fails; fresh recovery episodes) join the data; M is fine-tuned on the
+    union (mirrored encodings included), C is re-evolved from the previous one (and chosen by
+    selection-range episodes when configured), and the new agent is evaluated."""
     from wmlib.mdnrnn import load_mdnrnn, train_mdnrnn
     from wmlib.controller import load_controller, to_flat
     from wmlib.rollouts import collect
@@ -181,28 +263,40 @@ def iterate(run_dir: Path, i: int, preset: Preset, stages: Stages, workers: int 
     prev = run_dir / ("agent" if i == 1 else f"iter_{i - 1}/agent")
     it = run_dir / f"iter_{i}"
     data_dir, c = run_dir / "data", preset.collect
-    seed = c.seed + DATA_SEED_STRIDE * (len(c.policies) + i)
-    stages.run(f"iter_{i}/collect", lambda: (
-        collect("controller", c.episodes_per_policy, data_dir, seed=seed, workers=workers, max_steps=c.max_steps,
-                fast=fast, policy_kwargs={"agent": str(prev)}),
-        collect("recovery", c.episodes_per_policy, data_dir, seed=seed, workers=workers, max_steps=c.max_steps,
-                fast=fast)))
+    seed = iteration_seed(preset, i)
+    stages.run(f"iter_{i}/collect", lambda: [
+        collect(p, c.iteration_episodes, data_dir, seed=seed, workers=workers, max_steps=c.max_steps,
+                mirror=c.mirror, fast=fast, policy_kwargs={"agent": str(prev)} if p == "controller" else None)
+        for p in c.iteration_policies])
     vae_path = prev / "vae.eqx"
     vae_id = vae_id_of(vae_path)
     stages.run(f"iter_{i}/encode", encode, data_dir, vae_path, c.mirror)
     stages.run(f"iter_{i}/mdnrnn", lambda: train_mdnrnn(load_encoded(data_dir, vae_id), it / "mdnrnn", preset.rnn,
                                                           vae_id, init=load_mdnrnn(prev / "mdnrnn.eqx")[0]))
     agent = assemble_agent(it / "agent", vae_path, it / "mdnrnn" / "mdnrnn.eqx")
-    x0 = np.asarray(to_flat(load_controller(prev / "controller.eqx")[0]))
+    x0 = np.asarray(to_flat(load_controller(prev / "controller.eqx")[0]))  # the previous agent's C
     stages.run(f"iter_{i}/evolve", evolve_in_dream, agent, data_dir, vae_id, it / "evolve", preset.evolve,
                x0=x0, workers=workers, fast=fast)
-    assemble_agent(agent, vae_path, it / "mdnrnn" / "mdnrnn.eqx", it / "evolve" / "controller.eqx")
+    if preset.evolve.select_candidates:
+        stages.run(f"iter_{i}/select", select_controller, agent, it / "evolve", preset.evolve, workers, fast)
+    assemble_agent(agent, vae_path, it / "mdnrnn" / "mdnrnn.eqx", chosen_controller(it / "evolve", preset.evolve))
     stages.run(f"iter_{i}/evaluate", evaluate_agent, agent, preset, it / "eval.json", workers, fast)
 
 
+def real_frames(run_dir: Path) -> dict[str, int]:
+    """The real frames the method used in a run: collected data (all policies and iterations), real
+    checks during evolution and the selection of C; test evaluations are not part of the method."""
+    data = sum(e["steps"] for e in read_manifest(run_dir / "data").values())
+    evolve_dirs = [run_dir / "evolve"] + [p / "evolve" for p in sorted(run_dir.glob("iter_*"))]
+    checks = sum(r.get("real_frames_checked", 0) for d in evolve_dirs for r in read_jsonl(d / "metrics.jsonl"))
+    select = sum(json.loads((d / "selection.json").read_text())["frames"] for d in evolve_dirs
+                 if (d / "selection.json").exists())
+    return {"data": data, "evolve_checks": checks, "selection": select, "total": data + checks + select}
+
+
 def summary(run_dir: Path) -> tuple[list[dict], dict]:
-    """One row per agent of the run (real mean +- std, best dream score, real frames collected), and the
-    stages' wall times."""
+    """One row per agent of the run (real mean +- std, best dream score, real frames the method used
+    in the whole run), and the stages' wall times."""
     stages = json.loads((run_dir / "stages.json").read_text())
     rows = []
     for name, folder in [("initial", run_dir)] + [(p.name, p) for p in sorted(run_dir.glob("iter_*"))]:
@@ -212,10 +306,10 @@ def summary(run_dir: Path) -> tuple[list[dict], dict]:
         evo = [r for r in read_jsonl(folder / "evolve" / "metrics.jsonl") if r.get("stage") == "evolve"]
         rows.append({"agent": name, "real_mean": ev["mean"], "real_std": ev["std"], "episodes": ev["episodes"],
                      "dream_best": evo[-1]["best_so_far"] if evo else float("nan")})
-    manifest = read_manifest(run_dir / "data")
-    frames = sum(e["steps"] for e in manifest.values())
+    frames = real_frames(run_dir)
     for row in rows:
-        row["data_frames_total"] = frames
+        row["data_frames_total"] = frames["data"]
+        row["real_frames_total"] = frames["total"]
     return rows, stages
 
 
@@ -225,7 +319,8 @@ def format_summary(rows: list[dict], stages: dict) -> str:
         lines.append(f"{r['agent']:<12} {r['real_mean']:8.1f} +- {r['real_std']:6.1f} ({r['episodes']:3d})"
                      f"      {r['dream_best']:8.1f}")
     if rows:
-        lines.append(f"real frames collected for training: {rows[-1]['data_frames_total']}")
+        lines.append(f"real frames collected for training: {rows[-1]['data_frames_total']}; used by the method in "
+                     f"all (data, real checks, selection of C): {rows[-1]['real_frames_total']}")
     ordered = sorted(stages.items(), key=lambda kv: kv[1].get("order", 0))
     lines.append("wall time per stage: " + ", ".join(f"{k} {v['wall_s']:.0f}s" for k, v in ordered))
     lines.append(f"total: {sum(v['wall_s'] for v in stages.values()) / 60:.1f} min")
@@ -240,6 +335,7 @@ def run_pipeline(preset: Preset, run_dir: str | os.PathLike, workers: int | None
     if config_path.exists() and json.loads(config_path.read_text())["name"] != preset.name:
         raise ValueError(f"{run_dir} holds a run of preset {json.loads(config_path.read_text())['name']!r}; "
                          f"use another --run folder for preset {preset.name!r}")
+    check_seed_plan(preset)
     write_json(config_path, preset.to_dict())
     stages = Stages(run_dir)
     train_stages(run_dir, preset, stages, workers, fast)

@@ -321,19 +321,20 @@ class ControllerPolicy(Policy):
 
     name = "controller"
 
-    def __init__(self, agent=None, controller_params=None):
+    def __init__(self, agent=None, controller_params=None, z_mode: str = "sample"):
         if agent is None:
             raise ValueError("policy 'controller' needs a trained agent: pass --agent DIR, a folder of V, M "
                              "and C checkpoints (e.g. data/pretrained)")
         if isinstance(agent, (str, os.PathLike)):
             from wmlib.agent import Agent
 
-            agent = Agent.load(agent, None if controller_params is None else np.asarray(controller_params, np.float32))
+            agent = Agent.load(agent, None if controller_params is None else np.asarray(controller_params, np.float32),
+                               z_mode)
         self.agent = agent
 
     def reset(self, rng: np.random.Generator) -> None:
         super().reset(rng)
-        self.agent.reset()
+        self.agent.reset(rng)
 
     def act(self, obs: np.ndarray, env: gym.Env) -> np.ndarray:
         return np.asarray(self.agent.act(preprocess(obs)), np.float32).reshape(3)
