@@ -136,12 +136,12 @@ def cmd_evaluate(args) -> None:
     if args.video or args.filmstrip:
         save_dir = Path(args.save or (Path(args.video or ".") / "episodes"))
     result = evaluate(args.agent, args.episodes, seed=args.seed, workers=args.workers, max_steps=args.max_steps,
-                      fast=not args.stock, save_dir=save_dir)
+                      fast=not args.stock, save_dir=save_dir, z_mode=args.z_mode)
     if save_dir:
         write_media(args.agent, save_dir, video_dir=args.video, filmstrip=args.filmstrip)
     for f in result["failed"]:
         print(f"episode seed {f['seed']} failed: {f['error']}", file=sys.stderr)
-    print(json.dumps({k: result[k] for k in ("mean", "std", "episodes", "seed", "scores")}))
+    print(json.dumps({k: result[k] for k in ("mean", "std", "episodes", "seed", "frames", "scores")}))
 
 
 def cmd_iterate(args) -> None:
@@ -179,6 +179,8 @@ def backend_args(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from wmlib.config import PRESETS, TRAINING_SEED
+
     parser = argparse.ArgumentParser(prog="wm", description="World Models (Ha & Schmidhuber, 2018) on CarRacing-v3")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -187,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=_positive_int, default=8)
     p.add_argument("--max-steps", type=_positive_int, default=1000)
     p.add_argument("--workers", type=_positive_int, default=None, help="worker processes (default: all cores)")
-    p.add_argument("--seed", type=int, default=0, help="episode i runs on env seed SEED+i")
+    p.add_argument("--seed", type=int, default=TRAINING_SEED,
+                   help=f"episode i runs on env seed SEED+i (default {TRAINING_SEED}, the start of the training "
+                        "range; seeds 0..99999 are the test range)")
     p.add_argument("--out", default="runs/data", help="collection folder (created; re-running resumes)")
     p.add_argument("--mirror", action="store_true", help="also save each episode's left-right mirror image")
     p.add_argument("--stock", action="store_true", help="use the stock Gymnasium renderer, not the fast one")
@@ -196,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_collect)
 
     def preset_arg(p):
-        p.add_argument("--preset", default=None, help="smoke, quick or full (default: $WM_PRESET or quick)")
+        p.add_argument("--preset", default=None, help=f"{', '.join(PRESETS)} (default: $WM_PRESET or quick)")
 
     def env_args(p):
         p.add_argument("--workers", type=_positive_int, default=None, help="worker processes (default: all cores)")
@@ -251,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video", default=None, help="folder for one mp4 per episode (real | V | dream)")
     p.add_argument("--filmstrip", action="store_true", help="PNG strip around each episode's worst moment")
     p.add_argument("--save", default=None, help="folder to keep the episodes in")
+    p.add_argument("--z-mode", choices=["sample", "mean"], default="sample",
+                   help="C sees a draw from V's posterior (default, as in the dream) or V's mean")
     env_args(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -269,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_figures)
 
     p = sub.add_parser("pipeline", help="the whole method, resumable, with a summary")
-    p.add_argument("--preset", default="quick", help="smoke, quick or full (default quick)")
+    p.add_argument("--preset", default="quick", help=f"{', '.join(PRESETS)} (default quick; results: the shipped "
+                                                     "agent)")
     p.add_argument("--run", default=None, help="run folder (default runs/pipeline_PRESET)")
     env_args(p)
     p.set_defaults(func=cmd_pipeline)

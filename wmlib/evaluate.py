@@ -35,14 +35,15 @@ def _evaluate_one(args: tuple) -> dict:
 
 def evaluate(agent_dir: str | os.PathLike, episodes: int, seed: int = 0, workers: int | None = None,
              max_steps: int = 1000, fast: bool = True, save_dir: str | os.PathLike | None = None,
-             controller_params: np.ndarray | None = None, keep_raw: bool = False, progress: bool = True) -> dict:
+             controller_params: np.ndarray | None = None, keep_raw: bool = False, progress: bool = True,
+             z_mode: str = "sample") -> dict:
     """Score the agent in `agent_dir` on `episodes` real episodes (env seeds seed..seed+episodes-1).
 
     Returns {"mean", "std", "episodes", "seed", "scores", "frames", "failed"} (frames: real steps
     driven in all, for the budget of the method); an episode whose worker crashed
     is listed in "failed" with its seed and error, and the other episodes' scores are kept.
     With `save_dir` the episodes are saved (for videos, filmstrips and the sim2real analysis), with
-    the raw 96x96 observations too when `keep_raw`.
+    the raw 96x96 observations too when `keep_raw`. `z_mode`: what z C sees (`agent.Agent`).
     """
     from wmlib.agent import Agent, part_path
 
@@ -50,8 +51,8 @@ def evaluate(agent_dir: str | os.PathLike, episodes: int, seed: int = 0, workers
         raise ValueError(f"--episodes must be a positive integer, got {episodes}")
     for part in ("V", "M") + (() if controller_params is not None else ("C",)):
         part_path(agent_dir, part)
-    Agent.load(agent_dir, controller_params)  # V, M and C must fit together: fail here, not in a worker
-    kwargs = {"agent": str(agent_dir)}
+    Agent.load(agent_dir, controller_params, z_mode)  # V, M and C must fit together: fail here, not in a worker
+    kwargs = {"agent": str(agent_dir), "z_mode": z_mode}
     if controller_params is not None:
         kwargs["controller_params"] = np.asarray(controller_params, np.float32).tolist()
     specs = [(EpisodeSpec("controller", seed + i, max_steps, fast, kwargs, keep_raw), str(save_dir) if save_dir else None)
