@@ -171,6 +171,20 @@ def cmd_figures(args) -> None:
     print(json.dumps({"out": str(args.out), "figures": [p.name for p in written]}))
 
 
+def cmd_imitate(args) -> None:
+    from wmlib.data import episode_files, load_episode
+    from wmlib.files import write_json
+    from wmlib.imitation import imitation_bound
+
+    files = [p for p in episode_files(args.data) if p.name.startswith("heuristic_")][:args.fit_episodes]
+    if not files:
+        raise ValueError(f"--data {args.data} holds no heuristic episodes (heuristic_*.npz) to fit C to")
+    result = imitation_bound(args.agent, [load_episode(p) for p in files], args.out, rounds=args.rounds,
+                             episodes_per_round=args.episodes, seed=args.seed, workers=args.workers)
+    write_json(Path(args.out) / "imitation.json", result)
+    print(json.dumps({"out": str(args.out), "frames": result["frames"], "rounds": result["rounds"]}))
+
+
 def backend_args(p) -> None:
     p.add_argument("--backend", choices=["local", "ray"], default="local",
                    help="run episodes on local processes or as Ray tasks (needs `uv sync --extra ray`)")
@@ -273,6 +287,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(PROJECT_ROOT / "docs" / "figures"), help="folder for the PNGs (default: docs/figures)")
     p.add_argument("--seed", type=int, default=0, help="env seed of the real episode in the sim2real figures")
     p.set_defaults(func=cmd_figures)
+
+    p = sub.add_parser("imitate", help="the imitation bound: a linear C fitted to the heuristic driver (+ DAgger)")
+    p.add_argument("--agent", required=True, help="folder with the vae.eqx and mdnrnn.eqx to fit C on")
+    p.add_argument("--data", required=True, help="collection with heuristic episodes (heuristic_*.npz)")
+    p.add_argument("--out", required=True, help="agent folder to write (V, M and the fitted C)")
+    p.add_argument("--fit-episodes", type=_positive_int, default=40, help="heuristic episodes to fit on first")
+    p.add_argument("--rounds", type=int, default=2, help="DAgger rounds (the agent drives, the heuristic labels)")
+    p.add_argument("--episodes", type=_positive_int, default=16, help="real episodes per DAgger round")
+    p.add_argument("--seed", type=int, default=TRAINING_SEED + 900_000,
+                   help="round r, episode i drives env seed SEED + 1000 r + i (training range)")
+    env_args(p)
+    p.set_defaults(func=cmd_imitate)
 
     p = sub.add_parser("pipeline", help="the whole method, resumable, with a summary")
     p.add_argument("--preset", default="quick", help=f"{', '.join(PRESETS)} (default quick; results: the shipped "
