@@ -179,7 +179,7 @@ PRESETS: dict[str, Preset] = {
                               iteration_policies=("controller", "recovery"), iteration_episodes=50),
         vae=VAEConfig(steps=4000),
         rnn=RNNConfig(seq_len=200, epochs=12, offroad_done=True, done_pos_weight=5.0, reward_asymmetry=2.0),
-        evolve=EvolveConfig(generations=40, episode_len=200, road_starts=True, real_every=0, select_candidates=4,
+        evolve=EvolveConfig(generations=100, episode_len=200, road_starts=True, real_every=0, select_candidates=4,
                             select_episodes=16),
         evaluate=EvalConfig(episodes=100),
         iterations=2,
