@@ -167,7 +167,8 @@ def evolve_in_dream(agent_dir: Path, data_dir: Path, vae_id: str, out: Path, cfg
                   hidden=mdnrnn.hidden, x0=x0, real_score=real_score if cfg.real_every else None)
 
 
-def select_controller(agent_dir: Path, evolve_dir: Path, cfg, workers: int | None = None, fast: bool = True) -> dict:
+def select_controller(agent_dir: Path, evolve_dir: Path, cfg, max_steps: int = 1000, workers: int | None = None,
+                      fast: bool = True) -> dict:
     """Choose C by reality, not by the dream: the final search mean and the `select_candidates - 1`
     best candidates of the last 5 generations (by dream return) each drive `select_episodes` real
     episodes on selection-range tracks; the best real mean wins. Writes EVOLVE_DIR/selected.eqx and
@@ -184,8 +185,8 @@ def select_controller(agent_dir: Path, evolve_dir: Path, cfg, workers: int | Non
                                                            for j, i in enumerate(order)]
     rows = []
     for name, x, dream in candidates:
-        r = evaluate(agent_dir, cfg.select_episodes, seed=cfg.real_seed, workers=workers, fast=fast,
-                     controller_params=x, progress=False)
+        r = evaluate(agent_dir, cfg.select_episodes, seed=cfg.real_seed, workers=workers, max_steps=max_steps,
+                     fast=fast, controller_params=x, progress=False)
         rows.append({"name": name, "dream_return": dream, "real_mean": r["mean"], "real_std": r["std"],
                      "scores": r["scores"], "frames": r["frames"]})
         print(f"  candidate {name}: dream {dream:.1f}, real {r['mean']:.1f} +- {r['std']:.1f} "
@@ -244,7 +245,8 @@ def train_stages(run_dir: Path, preset: Preset, stages: Stages, workers: int | N
     stages.run("evolve", evolve_in_dream, agent, data_dir, vae_id, run_dir / "evolve", preset.evolve,
                workers=workers, fast=fast)
     if preset.evolve.select_candidates:
-        stages.run("select", select_controller, agent, run_dir / "evolve", preset.evolve, workers, fast)
+        stages.run("select", select_controller, agent, run_dir / "evolve", preset.evolve, preset.evaluate.max_steps,
+                   workers, fast)
     assemble_agent(agent, vae_path, run_dir / "mdnrnn" / "mdnrnn.eqx", chosen_controller(run_dir / "evolve",
                                                                                          preset.evolve))
     stages.run("evaluate", evaluate_agent, agent, preset, run_dir / "eval.json", workers, fast)
@@ -278,7 +280,8 @@ def iterate(run_dir: Path, i: int, preset: Preset, stages: Stages, workers: int 
     stages.run(f"iter_{i}/evolve", evolve_in_dream, agent, data_dir, vae_id, it / "evolve", preset.evolve,
                x0=x0, workers=workers, fast=fast)
     if preset.evolve.select_candidates:
-        stages.run(f"iter_{i}/select", select_controller, agent, it / "evolve", preset.evolve, workers, fast)
+        stages.run(f"iter_{i}/select", select_controller, agent, it / "evolve", preset.evolve,
+                   preset.evaluate.max_steps, workers, fast)
     assemble_agent(agent, vae_path, it / "mdnrnn" / "mdnrnn.eqx", chosen_controller(it / "evolve", preset.evolve))
     stages.run(f"iter_{i}/evaluate", evaluate_agent, agent, preset, it / "eval.json", workers, fast)
 
