@@ -164,6 +164,12 @@ def cmd_pipeline(args) -> None:
                        fast=not args.stock))
 
 
+def cmd_export(args) -> None:
+    from wmlib.pipeline import export_agent
+
+    print(json.dumps({"out": str(export_agent(args.run, args.out))}))
+
+
 def cmd_figures(args) -> None:
     from wmlib.figures import render_all
 
@@ -183,6 +189,25 @@ def cmd_imitate(args) -> None:
                              episodes_per_round=args.episodes, seed=args.seed, workers=args.workers)
     write_json(Path(args.out) / "imitation.json", result)
     print(json.dumps({"out": str(args.out), "frames": result["frames"], "rounds": result["rounds"]}))
+
+
+def cmd_fidelity(args) -> None:
+    from wmlib.fidelity import fidelity_report
+
+    try:
+        horizons = sorted({int(h) for h in args.horizons.split(",")})
+    except ValueError:
+        raise ValueError(f"--horizons must be comma-separated positive integers, got {args.horizons!r}") from None
+    if horizons[0] < 1:
+        raise ValueError(f"--horizons must be comma-separated positive integers, got {args.horizons!r}")
+    out = Path(args.out or Path(args.evolve) / "fidelity")
+    report = fidelity_report(args.agent, args.data, args.evolve, _preset(args).evolve, out,
+                             controllers=args.controllers, real_episodes=args.real_episodes,
+                             dream_rollouts=args.dream_rollouts, horizons=horizons, real_seed=args.real_seed,
+                             workers=args.workers, fast=not args.stock)
+    print(json.dumps({"out": str(out), "spearman": report["rank"]["spearman"],
+                      "bend": {name: {kind: v if kind == "geometry" else v["bend"] for kind, v in kinds.items()}
+                               for name, kinds in report["bends"].items()}}))
 
 
 def backend_args(p) -> None:
@@ -299,6 +324,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="round r, episode i drives env seed SEED + 1000 r + i (training range)")
     env_args(p)
     p.set_defaults(func=cmd_imitate)
+
+    from wmlib.config import SELECTION_SEED
+
+    p = sub.add_parser("fidelity", help="dream fidelity: rank agreement with reality, road bends, reward calibration")
+    p.add_argument("--agent", required=True, help="folder with the vae.eqx and mdnrnn.eqx the evolution dreamed in")
+    p.add_argument("--data", required=True, help="collection encoded by that V (dream starts, real drivers' episodes)")
+    p.add_argument("--evolve", required=True, help="evolution run folder (history.npz: its CMA-ES search means)")
+    p.add_argument("--controllers", type=_positive_int, default=20, help="search means spread over the run to compare")
+    p.add_argument("--real-episodes", type=_positive_int, default=8, help="real episodes per controller")
+    p.add_argument("--dream-rollouts", type=_positive_int, default=64, help="dreams per controller")
+    p.add_argument("--horizons", default="50,100,200,1000", help="dream lengths to score at, comma-separated")
+    p.add_argument("--real-seed", type=int, default=SELECTION_SEED,
+                   help=f"real episode i runs on env seed REAL_SEED+i (default {SELECTION_SEED}, selection range)")
+    p.add_argument("--out", default=None, help="folder for fidelity.json and figures (default EVOLVE/fidelity)")
+    preset_arg(p)
+    env_args(p)
+    p.set_defaults(func=cmd_fidelity)
+
+    p = sub.add_parser("export", help="copy a pipeline run's final agent and its logs into a folder (data/pretrained)")
+    p.add_argument("--run", required=True, help="pipeline run folder")
+    p.add_argument("--out", required=True, help="agent folder to write, e.g. data/pretrained")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("pipeline", help="the whole method, resumable, with a summary")
     p.add_argument("--preset", default="quick", help=f"{', '.join(PRESETS)} (default quick; results: the shipped "

@@ -330,6 +330,35 @@ def format_summary(rows: list[dict], stages: dict) -> str:
     return "\n".join(lines)
 
 
+def final_stage_dir(run_dir: Path) -> Path:
+    """The folder of a run's last finished agent: the last iter_K with an eval.json, else the run."""
+    done = [p for p in sorted(run_dir.glob("iter_*"), key=lambda p: int(p.name[5:])) if (p / "eval.json").exists()]
+    return done[-1] if done else run_dir
+
+
+def export_agent(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Copy a run's final agent with its logs into `out`, laid out like data/pretrained: vae.eqx,
+    mdnrnn.eqx, controller.eqx, config.json, eval.json (test range), summary.txt, selection.json,
+    vae_metrics.jsonl, mdnrnn_metrics.jsonl and evolve_metrics.jsonl (of the stages that made it)."""
+    run_dir, out = Path(run_dir), Path(out)
+    final = final_stage_dir(run_dir)
+    if not (final / "eval.json").exists():
+        raise FileNotFoundError(f"{run_dir} has no evaluated agent yet (no eval.json): finish the pipeline first")
+    files = {"config.json": run_dir / "config.json", "summary.txt": run_dir / "summary.txt",
+             "eval.json": final / "eval.json", "vae_metrics.jsonl": run_dir / "vae" / "metrics.jsonl",
+             "mdnrnn_metrics.jsonl": final / "mdnrnn" / "metrics.jsonl",
+             "evolve_metrics.jsonl": final / "evolve" / "metrics.jsonl",
+             "selection.json": final / "evolve" / "selection.json"}
+    agent = final / "agent"
+    assemble_agent(out, agent / "vae.eqx", agent / "mdnrnn.eqx", agent / "controller.eqx")
+    for name, src in files.items():
+        if src.exists():
+            tmp = out / f".{name}.tmp"
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, out / name)
+    return out
+
+
 def run_pipeline(preset: Preset, run_dir: str | os.PathLike, workers: int | None = None, fast: bool = True) -> str:
     """Run (or resume) every stage of `preset` in `run_dir`; returns the summary table."""
     run_dir = Path(run_dir)
