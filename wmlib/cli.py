@@ -205,9 +205,12 @@ def cmd_fidelity(args) -> None:
                              controllers=args.controllers, real_episodes=args.real_episodes,
                              dream_rollouts=args.dream_rollouts, horizons=horizons, real_seed=args.real_seed,
                              workers=args.workers, fast=not args.stock)
+    bends = report["bends"]
     print(json.dumps({"out": str(out), "spearman": report["rank"]["spearman"],
-                      "bend": {name: {kind: v if kind == "geometry" else v["bend"] for kind, v in kinds.items()}
-                               for name, kinds in report["bends"].items()}}))
+                      "bend": {name: {kind: v if kind == "geometry" else v["bend"] for kind, v in parts.items()}
+                               for name, parts in bends.items()},
+                      "road_seen": {name: {kind: v["road_seen"] for kind, v in parts.items() if kind != "geometry"}
+                                    for name, parts in bends.items()}}))
 
 
 def backend_args(p) -> None:
