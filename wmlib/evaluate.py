@@ -1,7 +1,9 @@
 """Real-environment evaluation of an agent, and the sim2real analysis of what M predicted.
 
 `evaluate` runs N real CarRacing-v3 episodes (episode i on env seed S+i) on worker processes, each
-worker driving with the jitted V -> M -> C step, and returns mean, std and every score. The analysis
+worker driving a block of up to K episodes in lockstep with one jitted V -> M -> C call per step for
+all of them (`rollouts.run_agent_episodes`, scores equal to one episode at a time), and returns
+mean, std and every score. The analysis
 functions take a recorded real episode and ask: what did M expect here? Its predicted reward and
 done along the episode, how fast its open-loop predictions of z drift from what V saw (latent error
 vs horizon), and where on the track the car left the road.
@@ -20,28 +22,36 @@ import numpy as np
 from wmlib.data import Episode, episode_name, save_episode
 from wmlib.env import TRACK_HALF_WIDTH, offroad_steps, track_of_seed  # noqa: F401 (the lessons import them here)
 from wmlib.mdnrnn import MDNRNN, MDNOutputs
-from wmlib.rollouts import EpisodeSpec, default_workers, parallel_map, run_episode
+from wmlib.rollouts import (EpisodeSpec, default_workers, out_of_patience, parallel_map, run_agent_episodes,
+                            split_blocks)
 
 
+def _drive_block(args: tuple) -> list[dict]:
+    """Worker: a block of controller episodes driven in lockstep; saves them when asked; returns
+    their summaries, each with "gave_up" (ended early for want of new tiles, `out_of_patience`)."""
+    specs, save_dir = args
+    summaries = []
+    for spec, ep in zip(specs, run_agent_episodes(specs)):
+        if save_dir:
+            save_episode(Path(save_dir) / episode_name("agent", spec.seed), ep)
+        summaries.append({**ep.summary(), "gave_up": not ep.terminated and out_of_patience(ep.rewards, spec.patience)})
+    return summaries
 
-def _evaluate_one(args: tuple) -> dict:
-    """Worker: one real episode with the agent; saves it when asked; returns its summary."""
-    spec, save_dir = args
-    ep = run_episode(spec)
-    if save_dir:
-        save_episode(Path(save_dir) / episode_name("agent", spec.seed), ep)
-    return ep.summary()
+
+def _block_frames(summaries: list[dict]) -> int:
+    return sum(s["steps"] for s in summaries)
 
 
 def evaluate(agent_dir: str | os.PathLike, episodes: int, seed: int = 0, workers: int | None = None,
              max_steps: int = 1000, fast: bool = True, save_dir: str | os.PathLike | None = None,
              controller_params: np.ndarray | None = None, keep_raw: bool = False, progress: bool = True,
-             z_mode: str = "sample") -> dict:
+             z_mode: str = "sample", batch: int = 16) -> dict:
     """Score the agent in `agent_dir` on `episodes` real episodes (env seeds seed..seed+episodes-1).
 
     Returns {"mean", "std", "episodes", "seed", "scores", "frames", "failed"} (frames: real steps
-    driven in all, for the budget of the method); an episode whose worker crashed
-    is listed in "failed" with its seed and error, and the other episodes' scores are kept.
+    driven in all, for the budget of the method). Each worker drives a block of up to `batch`
+    episodes in lockstep; a block whose worker crashed lists each of its episodes in "failed" with
+    its seed and the error, and the other blocks' scores are kept.
     With `save_dir` the episodes are saved (for videos, filmstrips and the sim2real analysis), with
     the raw 96x96 observations too when `keep_raw`. `z_mode`: what z C sees (`agent.Agent`).
     """
@@ -55,16 +65,17 @@ def evaluate(agent_dir: str | os.PathLike, episodes: int, seed: int = 0, workers
     kwargs = {"agent": str(agent_dir), "z_mode": z_mode}
     if controller_params is not None:
         kwargs["controller_params"] = np.asarray(controller_params, np.float32).tolist()
-    specs = [(EpisodeSpec("controller", seed + i, max_steps, fast, kwargs, keep_raw), str(save_dir) if save_dir else None)
-             for i in range(episodes)]
+    workers = workers or default_workers()
+    specs = [EpisodeSpec("controller", seed + i, max_steps, fast, kwargs, keep_raw) for i in range(episodes)]
+    items = [(block, str(save_dir) if save_dir else None) for block in split_blocks(specs, batch, workers)]
     scores, failed, frames = {}, [], 0
-    for (spec, _), result, error in parallel_map(_evaluate_one, specs, workers or default_workers(),
-                                                 desc="evaluate", frames_of=lambda r: r["steps"], progress=progress):
+    for (block, _), result, error in parallel_map(_drive_block, items, workers, desc="evaluate", unit="block",
+                                                  frames_of=_block_frames, progress=progress):
         if error is None:
-            scores[spec.seed] = result["return"]
-            frames += result["steps"]
+            scores.update((r["seed"], r["return"]) for r in result)
+            frames += _block_frames(result)
         else:
-            failed.append({"seed": spec.seed, "error": f"{type(error).__name__}: {error}"})
+            failed += [{"seed": spec.seed, "error": f"{type(error).__name__}: {error}"} for spec in block]
     values = [scores[s] for s in sorted(scores)]
     return {"mean": float(np.mean(values)) if values else float("nan"),
             "std": float(np.std(values)) if values else float("nan"), "episodes": episodes, "seed": seed,
@@ -73,39 +84,50 @@ def evaluate(agent_dir: str | os.PathLike, episodes: int, seed: int = 0, workers
 
 class RealFitness:
     """CMA-ES fitness on REAL episodes (the paper's original CarRacing setup): every candidate
-    controller drives `repeats` real episodes, spread over the backend's workers.
+    controller drives `repeats` real episodes, in blocks of up to `batch` episodes driven in
+    lockstep, spread over the backend's workers.
 
     All candidates of a generation drive the same tracks (env seeds drawn from the generation's key:
-    common random numbers, and a resumed run repeats them). `frames` counts the real frames of the
-    last call, which `evolve` logs.
+    common random numbers, and a resumed run repeats them). With `patience` (default 100; None:
+    never) an episode ends once that many steps after the zoom-in brought no new tile
+    (`rollouts.out_of_patience`), and its return so far is its score: the frames a stuck or lost
+    car would still drive are not spent (nor charged their -0.1 each). Evolution only: `evaluate`
+    never ends a test episode early. `frames` counts the real frames the last call drove,
+    `frames_saved` those it did not drive because episodes ended early (max_steps - steps of each).
     """
 
     def __init__(self, agent_dir: str | os.PathLike, repeats: int, max_steps: int = 1000,
-                 workers: int | None = None, fast: bool = True):
+                 workers: int | None = None, fast: bool = True, batch: int = 16, patience: int | None = 100):
         from wmlib.agent import part_path
 
         for part in ("V", "M"):
             part_path(agent_dir, part)
+        if patience is not None and patience < 1:
+            raise ValueError(f"patience (steps without a new tile before an episode ends) must be a positive "
+                             f"integer or None, got {patience}")
         self.agent_dir, self.repeats, self.max_steps = str(agent_dir), repeats, max_steps
-        self.workers, self.fast, self.frames = workers or default_workers(), fast, 0
+        self.workers, self.fast, self.batch, self.patience = workers or default_workers(), fast, batch, patience
+        self.frames = self.frames_saved = 0
 
     def __call__(self, key: jax.Array, solutions: np.ndarray) -> np.ndarray:
+        """(P, n) flat controllers -> (P, repeats) real returns."""
         base = int(jax.random.randint(key, (), 0, 2**30))
-        items = {}
-        for p, vec in enumerate(np.asarray(solutions, np.float32)):
-            kwargs = {"agent": self.agent_dir, "controller_params": vec.tolist()}
-            for r in range(self.repeats):
-                items[(p, r)] = (EpisodeSpec("controller", base + r, self.max_steps, self.fast, kwargs), None)
-        returns = np.zeros((len(solutions), self.repeats))
-        self.frames, index = 0, {id(v): k for k, v in items.items()}
-        for item, result, error in parallel_map(_evaluate_one, list(items.values()), self.workers,
-                                                desc="real episodes", progress=False):
-            p, r = index[id(item)]
+        specs = [EpisodeSpec("controller", base + r, self.max_steps, self.fast,
+                             {"agent": self.agent_dir, "controller_params": vec.tolist()}, patience=self.patience)
+                 for vec in np.asarray(solutions, np.float32) for r in range(self.repeats)]
+        items = [(block, None) for block in split_blocks(specs, self.batch, self.workers)]
+        first = dict(zip(map(id, items), np.cumsum([0] + [len(block) for block, _ in items])))  # its first spec
+        returns = np.zeros(len(specs))
+        self.frames = self.frames_saved = 0
+        for item, result, error in parallel_map(_drive_block, items, self.workers, progress=False):
+            i = first[id(item)]
             if error is not None:
-                raise RuntimeError(f"real episode of candidate {p} on env seed {base + r} failed: {error}")
-            returns[p, r] = result["return"]
-            self.frames += result["steps"]
-        return returns
+                raise RuntimeError(f"real episodes of candidates {i // self.repeats}.."
+                                   f"{(i + len(item[0]) - 1) // self.repeats} failed: {error}")
+            returns[i:i + len(result)] = [r["return"] for r in result]
+            self.frames += _block_frames(result)
+            self.frames_saved += sum(self.max_steps - r["steps"] for r in result if r["gave_up"])
+        return returns.reshape(len(solutions), self.repeats)
 
 
 # ---- what M predicted along a real episode ------------------------------------------------------

@@ -3,6 +3,8 @@
 Episode i of a collection with seed S runs on env seed S+i, with the policy's random generator
 seeded by the same number, so any episode can be reproduced alone. Workers are separate processes
 (CarRacing is single-threaded Python) started with "spawn", which is safe next to JAX's threads.
+A worker drives one episode at a time (`run_episode`, any policy), or a trained agent's episodes
+K at a time in lockstep (`run_agent_episodes`), so V, M and C run once per step for all K.
 """
 
 from __future__ import annotations
@@ -33,10 +35,57 @@ class EpisodeSpec:
     fast: bool = True
     policy_kwargs: dict = field(default_factory=dict)
     keep_raw: bool = False  # also keep the raw 96x96 observations (for videos)
+    patience: int | None = None  # end early after this many steps without a new tile (`out_of_patience`)
+
+
+ZOOM_STEPS = 50  # CarRacing zooms in on the car during its first second (50 frames)
+
+
+def out_of_patience(rewards, patience: int | None) -> bool:
+    """Whether an episode with these step rewards so far should end early: its last `patience`
+    steps, all after the zoom-in, found no new tile. (A step's reward is -0.1, plus 1000/N for each
+    new tile of the N on the track, so reward > 0 marks a new tile.) None: never."""
+    return (patience is not None and len(rewards) >= ZOOM_STEPS + patience
+            and max(rewards[-patience:]) <= 0)
 
 
 def default_workers() -> int:
     return os.cpu_count() or 1
+
+
+class _EpisodeRecord:
+    """One episode being driven: it resets `env` to the spec's seed, then `step(action)` records the
+    current observation (and its preprocessed `frame`), the action, the car's position and the reward."""
+
+    def __init__(self, spec: EpisodeSpec, env):
+        self.spec, self.env = spec, env
+        self.frames, self.actions, self.rewards, self.car_xy, self.raw = [], [], [], [], []
+        self.terminated = self.truncated = False
+        self.obs, _ = env.reset(seed=spec.seed)
+        self.frame = preprocess(self.obs)
+
+    @property
+    def over(self) -> bool:
+        """Ended by the env, by `max_steps`, or out of patience."""
+        return (self.terminated or self.truncated or len(self.rewards) >= self.spec.max_steps
+                or out_of_patience(self.rewards, self.spec.patience))
+
+    def step(self, action: np.ndarray) -> None:
+        self.frames.append(self.frame)
+        if self.spec.keep_raw:
+            self.raw.append(self.obs)
+        self.actions.append(action)
+        self.car_xy.append(tuple(self.env.unwrapped.car.hull.position))
+        self.obs, reward, self.terminated, self.truncated, _ = self.env.step(action)
+        self.frame = preprocess(self.obs)
+        self.rewards.append(reward)
+
+    def episode(self) -> Episode:
+        info = {"car_xy": np.asarray(self.car_xy, np.float32), **({"raw": np.stack(self.raw)} if self.raw else {})}
+        return Episode(frames=np.stack(self.frames), actions=np.stack(self.actions),
+                       rewards=np.asarray(self.rewards, np.float32), terminated=bool(self.terminated),
+                       truncated=bool(self.truncated or not self.terminated), policy=self.spec.policy,
+                       seed=self.spec.seed, info=info)
 
 
 def run_episode(spec: EpisodeSpec, env=None, policy=None) -> Episode:
@@ -45,25 +94,50 @@ def run_episode(spec: EpisodeSpec, env=None, policy=None) -> Episode:
 
     env = env or make_env(fast=spec.fast)
     policy = policy or make_policy(spec.policy, **spec.policy_kwargs)
-    obs, _ = env.reset(seed=spec.seed)
+    record = _EpisodeRecord(spec, env)
     policy.reset(np.random.default_rng(spec.seed))
-    frames, actions, rewards, car_xy, raw = [], [], [], [], []
-    terminated = truncated = False
-    for _ in range(spec.max_steps):
-        action = np.asarray(policy.act(obs, env), np.float32)
-        frames.append(preprocess(obs))
-        if spec.keep_raw:
-            raw.append(obs)
-        actions.append(action)
-        car_xy.append(tuple(env.unwrapped.car.hull.position))
-        obs, reward, terminated, truncated, _ = env.step(action)
-        rewards.append(reward)
-        if terminated or truncated:
-            break
-    truncated = truncated or not terminated
-    return Episode(frames=np.stack(frames), actions=np.stack(actions), rewards=np.asarray(rewards, np.float32),
-                   terminated=bool(terminated), truncated=bool(truncated), policy=spec.policy, seed=spec.seed,
-                   info={"car_xy": np.asarray(car_xy, np.float32), **({"raw": np.stack(raw)} if raw else {})})
+    while not record.over:
+        record.step(np.asarray(policy.act(record.obs, env), np.float32))
+    return record.episode()
+
+
+def run_agent_episodes(specs: list[EpisodeSpec]) -> list[Episode]:
+    """Drive the "controller" episodes of `specs` in lockstep, one environment each: every step, the
+    agent's V -> M -> C runs for all the episodes still going in ONE jitted call (`agent.AgentBatch`)
+    instead of one call per frame. All specs share one agent folder and z_mode; each may bring its
+    own `controller_params`. Episode k equals `run_episode(specs[k])` exactly (frames, actions,
+    rewards): same env seed, same z-noise key, and arithmetic per episode that the batch leaves alone.
+    """
+    from wmlib.agent import AgentBatch
+
+    shared = {(s.policy, s.policy_kwargs.get("agent"), s.policy_kwargs.get("z_mode", "sample")) for s in specs}
+    if len(shared) != 1 or specs[0].policy != "controller":
+        raise ValueError(f"run_agent_episodes drives episodes of policy 'controller' with one agent folder and "
+                         f"z_mode; got (policy, agent, z_mode) = {sorted(shared, key=str)}")
+    _, folder, z_mode = shared.pop()
+    agent = AgentBatch.load(folder, [s.policy_kwargs.get("controller_params") for s in specs],
+                            [np.random.default_rng(s.seed) for s in specs], z_mode)
+    records = [_EpisodeRecord(s, make_env(fast=s.fast)) for s in specs]
+    try:
+        live = [k for k, r in enumerate(records) if not r.over]
+        while live:
+            actions = agent.act(np.stack([records[k].frame for k in live]), np.asarray(live))
+            for k, action in zip(live, actions):
+                records[k].step(action)
+            live = [k for k in live if not records[k].over]
+    finally:
+        for r in records:
+            r.env.close()
+    return [r.episode() for r in records]
+
+
+def split_blocks(items: list, batch: int, workers: int) -> list[list]:
+    """`items` cut into consecutive blocks of at most `batch`, as even as possible, and at least one
+    block per worker while there are items enough (so 8 episodes on 2 workers are 2 blocks of 4)."""
+    if batch < 1:
+        raise ValueError(f"batch (episodes a worker drives at once) must be a positive integer, got {batch}")
+    n = max(-(-len(items) // batch), min(workers, len(items)))
+    return [items[i * len(items) // n:(i + 1) * len(items) // n] for i in range(n)]
 
 
 def _collect_one(spec: EpisodeSpec, out: str, mirror: bool) -> dict:
@@ -117,18 +191,18 @@ def _connect_ray(address: str | None) -> None:
 
 
 def parallel_map(fn: Callable, items: list, workers: int, desc: str = "episodes",
-                 frames_of: Callable[[Any], int] | None = None, progress: bool = True
+                 frames_of: Callable[[Any], int] | None = None, progress: bool = True, unit: str = "ep"
                  ) -> Iterator[tuple[Any, Any, BaseException | None]]:
     """Run `fn(item)` for every item on the active backend; yield (item, result, error) as they finish.
 
     Local: `workers` processes. Ray: one task per item on the cluster (`workers` is ignored; Ray
     schedules by free CPUs). A failing item does not stop the others: its exception is yielded in
     place of a result. An item whose worker process died is retried once. The progress bar counts
-    items and, when `frames_of(result)` is given, environment frames per second.
+    items (in `unit`s) and, when `frames_of(result)` is given, environment frames per second.
     """
     if workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers}")
-    bar = tqdm(total=len(items), desc=desc, unit="ep", disable=not progress)
+    bar = tqdm(total=len(items), desc=desc, unit=unit, disable=not progress)
     frames, start = 0, time.perf_counter()
 
     def done(item, result, error):
