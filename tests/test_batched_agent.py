@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from wmlib.agent import AgentBatch
+from wmlib.config import SEED_RANGES
 from wmlib.controller import Controller, n_params, save_controller
 from wmlib.data import episode_files, load_episode
 from wmlib.evaluate import RealFitness, evaluate
@@ -87,13 +88,14 @@ def test_real_fitness_ends_episodes_without_new_tiles_and_counts_frames_saved(ag
     fitness = RealFitness(agent_dir, repeats=2, max_steps=100, workers=1, batch=3, patience=20)
     key = jax.random.PRNGKey(5)
     returns = fitness(key, np.stack([PARKED, driving]))
-    base = int(jax.random.randint(key, (), 0, 2**30))
-    alone = [[run_episode(spec(agent_dir, base + r, 100, params=p, patience=20)) for r in range(2)]
+    seeds = fitness.seeds(key)
+    assert len(seeds) == 2 and all(s in SEED_RANGES["training"] for s in seeds)  # C trains on training tracks
+    alone = [[run_episode(spec(agent_dir, s, 100, params=p, patience=20)) for s in seeds]
              for p in (PARKED, driving)]
     np.testing.assert_array_equal(returns, [[ep.total_reward for ep in row] for row in alone])
     for r, ep in enumerate(alone[0]):
         assert len(ep) == ZOOM_STEPS + 20 and ep.truncated
-        full = run_episode(spec(agent_dir, base + r, 100, params=PARKED))
+        full = run_episode(spec(agent_dir, seeds[r], 100, params=PARKED))
         np.testing.assert_array_equal(ep.rewards, full.rewards[:len(ep)])
     assert fitness.frames == sum(len(ep) for row in alone for ep in row)
     gave_up = [ep for row in alone for ep in row if out_of_patience(ep.rewards, 20)]

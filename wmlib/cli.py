@@ -119,7 +119,7 @@ def cmd_evolve(args) -> None:
         x0 = np.asarray(to_flat(load_controller(args.init)[0]))
     if args.where == "real":
         result = evolve_in_real(agent, Path(args.out), cfg, max_steps=args.max_steps, x0=x0, workers=args.workers,
-                                fast=not args.stock)
+                                fast=not args.stock, batch=args.batch, patience=args.patience or None)
     else:
         if not args.data:
             raise ValueError("--data (an encoded collection to start dreams from) is needed with --where dream")
@@ -136,7 +136,7 @@ def cmd_evaluate(args) -> None:
     if args.video or args.filmstrip:
         save_dir = Path(args.save or (Path(args.video or ".") / "episodes"))
     result = evaluate(args.agent, args.episodes, seed=args.seed, workers=args.workers, max_steps=args.max_steps,
-                      fast=not args.stock, save_dir=save_dir, z_mode=args.z_mode)
+                      fast=not args.stock, save_dir=save_dir, z_mode=args.z_mode, batch=args.batch)
     if save_dir:
         write_media(args.agent, save_dir, video_dir=args.video, filmstrip=args.filmstrip)
     for f in result["failed"]:
@@ -281,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--init", default=None, help="controller.eqx to start from (e.g. fine-tune a dream-trained C)")
     p.add_argument("--max-steps", type=_positive_int, default=1000, help="real episode length (--where real)")
+    p.add_argument("--batch", type=_positive_int, default=16, help="real episodes each worker drives in lockstep")
+    p.add_argument("--patience", type=int, default=100,
+                   help="--where real: end an episode after this many steps without a new tile (0: never)")
     p.add_argument("--optimizer", choices=["pycma", "evosax"], default=None)
     p.add_argument("--generations", type=_positive_int, default=None)
     p.add_argument("--popsize", type=int, default=None)
@@ -297,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video", default=None, help="folder for one mp4 per episode (real | V | dream)")
     p.add_argument("--filmstrip", action="store_true", help="PNG strip around each episode's worst moment")
     p.add_argument("--save", default=None, help="folder to keep the episodes in")
+    p.add_argument("--batch", type=_positive_int, default=16, help="episodes each worker drives in lockstep")
     p.add_argument("--z-mode", choices=["sample", "mean"], default="sample",
                    help="C sees a draw from V's posterior (default, as in the dream) or V's mean")
     env_args(p)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wmlib.config import TRAINING_SEED
 from wmlib.data import Episode, episode_name, save_episode
 from wmlib.env import TRACK_HALF_WIDTH, offroad_steps, track_of_seed  # noqa: F401 (the lessons import them here)
 from wmlib.mdnrnn import MDNRNN, MDNOutputs
@@ -109,12 +110,18 @@ class RealFitness:
         self.workers, self.fast, self.batch, self.patience = workers or default_workers(), fast, batch, patience
         self.frames = self.frames_saved = 0
 
+    def seeds(self, key: jax.Array) -> list[int]:
+        """The env seeds of a generation's `repeats` tracks. C trains on them: training-range seeds,
+        never test or selection ones."""
+        base = TRAINING_SEED + int(jax.random.randint(key, (), 0, 2**30))
+        return [base + r for r in range(self.repeats)]
+
     def __call__(self, key: jax.Array, solutions: np.ndarray) -> np.ndarray:
         """(P, n) flat controllers -> (P, repeats) real returns."""
-        base = int(jax.random.randint(key, (), 0, 2**30))
-        specs = [EpisodeSpec("controller", base + r, self.max_steps, self.fast,
+        seeds = self.seeds(key)
+        specs = [EpisodeSpec("controller", seed, self.max_steps, self.fast,
                              {"agent": self.agent_dir, "controller_params": vec.tolist()}, patience=self.patience)
-                 for vec in np.asarray(solutions, np.float32) for r in range(self.repeats)]
+                 for vec in np.asarray(solutions, np.float32) for seed in seeds]
         items = [(block, None) for block in split_blocks(specs, self.batch, self.workers)]
         first = dict(zip(map(id, items), np.cumsum([0] + [len(block) for block, _ in items])))  # its first spec
         returns = np.zeros(len(specs))

@@ -223,6 +223,7 @@ def evolve(fitness: Callable[[jax.Array, np.ndarray], np.ndarray], n_params: int
                       "best_so_far": best_return, "sigma": es.sigma, "fitness_s": fit_s}
             if getattr(fitness, "frames", None) is not None:
                 record["real_frames"] = fitness.frames  # real environment frames this generation used
+                record["real_frames_saved"] = getattr(fitness, "frames_saved", 0)  # by early termination
             if real_score is not None and cfg.real_every and (g + 1) % cfg.real_every == 0:
                 real = real_score(best_params)
                 record.update(real_mean=real["mean"], real_std=real["std"], real_episodes=len(real["scores"]),

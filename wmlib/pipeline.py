@@ -207,15 +207,16 @@ def chosen_controller(evolve_dir: Path, cfg) -> Path:
 
 
 def evolve_in_real(agent_dir: Path, out: Path, cfg, max_steps: int = 1000, x0=None, workers: int | None = None,
-                   fast: bool = True):
-    """CMA-ES with every candidate scored on real episodes (population x repeats over the workers)."""
+                   fast: bool = True, batch: int = 16, patience: int | None = 100):
+    """CMA-ES with every candidate scored on real episodes (population x repeats over the workers, in
+    lockstep blocks of `batch`; an episode ends after `patience` steps without a new tile)."""
     from wmlib.controller import n_params
     from wmlib.evaluate import RealFitness
     from wmlib.evolve import evolve
     from wmlib.mdnrnn import load_mdnrnn
 
     mdnrnn, _ = load_mdnrnn(agent_dir / "mdnrnn.eqx")
-    fitness = RealFitness(agent_dir, cfg.repeats, max_steps, workers, fast)
+    fitness = RealFitness(agent_dir, cfg.repeats, max_steps, workers, fast, batch, patience)
     return evolve(fitness, n_params(mdnrnn.z_dim, mdnrnn.hidden), cfg, out, z_dim=mdnrnn.z_dim,
                   hidden=mdnrnn.hidden, x0=x0, stage="evolve")
 
