@@ -73,3 +73,31 @@ def test_bad_input(tmp_path):
         evolve(toy_fitness, N, cfg(tau=-1.0), tmp_path, z_dim=Z, hidden=H, progress=False)
     with pytest.raises(ValueError, match="unknown optimizer 'adam'"):
         evolve(toy_fitness, N, cfg(optimizer="adam"), tmp_path, z_dim=Z, hidden=H, progress=False)
+
+
+def test_a_resume_with_other_settings_refuses_and_names_them(tmp_path):
+    evolve(toy_fitness, N, cfg(generations=2), tmp_path, z_dim=Z, hidden=H, progress=False)
+    with pytest.raises(ValueError, match=r"popsize: 8 -> 6; sigma0: 0.3 -> 0.2"):
+        evolve(toy_fitness, N, cfg(generations=3, popsize=6, sigma0=0.2), tmp_path, z_dim=Z, hidden=H, progress=False)
+    with pytest.raises(ValueError, match="x0_sha256"):  # another start point is another search
+        evolve(toy_fitness, N, cfg(generations=3), tmp_path, z_dim=Z, hidden=H, x0=np.ones(N), progress=False)
+    more = evolve(toy_fitness, N, cfg(generations=3), tmp_path, z_dim=Z, hidden=H, progress=False)
+    assert more.generations == 3  # more generations is a resume, not a new search
+
+
+def test_frame_budget_stops_a_real_frame_counting_search(tmp_path):
+    class CountingFitness:
+        """Counts 10 'real frames' per candidate and repeat, like RealFitness."""
+        frames = 0
+
+        def __call__(self, key, solutions):
+            self.frames = 10 * len(solutions) * 2
+            return np.asarray(toy_fitness(key, solutions))
+
+    # 8 candidates x 2 repeats x 10 frames = 160 frames a generation: 300 frames allow 2 generations
+    result = evolve(CountingFitness(), N, cfg(generations=10, frame_budget=300), tmp_path, z_dim=Z, hidden=H,
+                    progress=False)
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert result.generations == 2 and [r["real_frames"] for r in records] == [160, 160]
+    with pytest.raises(ValueError, match="frame budget must be positive"):
+        evolve(CountingFitness(), N, cfg(frame_budget=-1), tmp_path / "b", z_dim=Z, hidden=H, progress=False)

@@ -109,14 +109,26 @@ def cmd_evolve(args) -> None:
 
     cfg = _preset(args).evolve
     changes = {k: v for k, v in {"optimizer": args.optimizer, "generations": args.generations,
-                                  "popsize": args.popsize, "tau": args.tau}.items() if v is not None}
+                                  "popsize": args.popsize, "repeats": args.repeats, "sigma0": args.sigma0,
+                                  "tau": args.tau, "frame_budget": args.frame_budget}.items() if v is not None}
+    if args.frame_budget is not None and args.frame_budget <= 0:
+        raise ValueError(f"--frame-budget must be a positive number of real frames, got {args.frame_budget}")
     cfg = dataclasses.replace(cfg, **changes)
     agent = Path(args.agent)
     x0 = None
     if args.init:
         from wmlib.controller import load_controller, to_flat
 
-        x0 = np.asarray(to_flat(load_controller(args.init)[0]))
+        init = Path(args.init)
+        if init.is_dir():  # an agent folder: its C, which must have been made for the same V and M
+            from wmlib.agent import PARTS, part_path
+
+            for part in ("V", "M"):
+                if vae_id_of(part_path(init, part)) != vae_id_of(part_path(agent, part)):
+                    raise ValueError(f"--init {init}: its {PARTS[part]} differs from --agent {agent}'s; a C "
+                                     f"only fits the V and M it was evolved with")
+            init = part_path(init, "C")
+        x0 = np.asarray(to_flat(load_controller(init)[0]))
     if args.where == "real":
         result = evolve_in_real(agent, Path(args.out), cfg, max_steps=args.max_steps, x0=x0, workers=args.workers,
                                 fast=not args.stock, batch=args.batch, patience=args.patience or None)
@@ -279,7 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score candidates in M's dream (default) or on real CarRacing episodes")
     p.add_argument("--data", default=None, help="encoded collection the dreams start from (--where dream)")
     p.add_argument("--out", required=True)
-    p.add_argument("--init", default=None, help="controller.eqx to start from (e.g. fine-tune a dream-trained C)")
+    p.add_argument("--init", default=None,
+                   help="controller.eqx, or an agent folder with the same V and M, whose C is the search's start")
+    p.add_argument("--sigma0", type=float, default=None, help="CMA-ES initial step size (preset: 0.1)")
+    p.add_argument("--repeats", type=_positive_int, default=None, help="episodes (or dreams) per candidate")
+    p.add_argument("--frame-budget", type=int, default=None,
+                   help="--where real: stop once this many real frames are used")
     p.add_argument("--max-steps", type=_positive_int, default=1000, help="real episode length (--where real)")
     p.add_argument("--batch", type=_positive_int, default=16, help="real episodes each worker drives in lockstep")
     p.add_argument("--patience", type=int, default=100,

@@ -125,6 +125,7 @@ class EvolveConfig:
     select_candidates: int = 0   # after evolving: the CMA mean and the best candidates of the last
     select_episodes: int = 16    # generations, each on `select_episodes` selection-range real tracks
     real_seed: int = SELECTION_SEED  # env seeds of every real episode that evolution uses
+    frame_budget: int = 0        # real-environment fitness: stop once this many real frames are used (0: none)
     seed: int = 0
 
 

@@ -18,6 +18,9 @@ from which a controller is chosen by real episodes and the dream's fidelity is m
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 import os
 import time
@@ -32,10 +35,12 @@ from tqdm.auto import tqdm
 
 from wmlib.config import EvolveConfig
 from wmlib.controller import from_flat, save_controller
-from wmlib.files import append_jsonl, atomic_write, read_jsonl
+from wmlib.files import append_jsonl, atomic_write, read_jsonl, write_json
 
 OPTIMIZERS = ("pycma", "evosax")
 STATE_FILE = "es_state.npz"
+CONFIG_FILE = "evolve_config.json"
+EXTENDABLE = ("generations", "frame_budget")  # settings a resumed run may change
 HISTORY_FILE = "history.npz"
 HISTORY_TOP = 4  # best candidates kept per generation
 
@@ -169,15 +174,28 @@ def evolve(fitness: Callable[[jax.Array, np.ndarray], np.ndarray], n_params: int
 
     `fitness(key, solutions)` returns (P, repeats) returns. Every `cfg.real_every` generations the best
     candidate is also scored by `real_score(flat_params) -> {"mean": ..., "std": ...}` (real episodes),
-    logged beside its dream score.
+    logged beside its dream score. A fitness that counts real frames (`fitness.frames`) stops the run
+    once `cfg.frame_budget` (> 0) frames are used. The first start writes RUN_DIR/evolve_config.json;
+    a resume with other settings (more generations or frames aside) refuses and names the difference.
     """
     if cfg.tau < 0:
         raise ValueError(f"temperature tau must be >= 0, got {cfg.tau}")
+    if cfg.frame_budget < 0:
+        raise ValueError(f"the frame budget must be positive (or 0 for none), got {cfg.frame_budget}")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path, state_path = run_dir / "metrics.jsonl", run_dir / STATE_FILE
     x0 = np.zeros(n_params) if x0 is None else np.asarray(x0, np.float64)
-    es = make_optimizer(cfg.optimizer, x0, cfg.sigma0, cfg.popsize, cfg.seed)
+    es = make_optimizer(cfg.optimizer, x0, cfg.sigma0, cfg.popsize, cfg.seed)  # checks the settings first
+    settings = {**dataclasses.asdict(cfg), "x0_sha256": hashlib.sha256(x0.tobytes()).hexdigest()[:16]}
+    if (run_dir / CONFIG_FILE).exists():
+        before = json.loads((run_dir / CONFIG_FILE).read_text())
+        changed = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in settings.items()
+                   if k not in EXTENDABLE and before.get(k) != v]
+        if changed:
+            raise ValueError(f"{run_dir} holds an evolution with other settings ({'; '.join(changed)}); "
+                             "resume with the same settings or use a new folder")
+    write_json(run_dir / CONFIG_FILE, settings)
+    metrics_path, state_path = run_dir / "metrics.jsonl", run_dir / STATE_FILE
     base_key = jax.random.PRNGKey(cfg.seed)
 
     def keys(g: int) -> jax.Array:
@@ -195,11 +213,16 @@ def evolve(fitness: Callable[[jax.Array, np.ndarray], np.ndarray], n_params: int
         start, best_params, best_return = int(arrays.pop("generation")), arrays.pop("best_params"), float(arrays.pop("best_return"))
         es.restore(arrays, keys)
     records = [r for r in read_jsonl(metrics_path) if r.get("stage") == stage and r["generation"] <= start]
+    frames_used = sum(r.get("real_frames", 0) for r in records)
 
     bar = tqdm(total=cfg.generations, initial=start, desc=f"{stage} ({cfg.optimizer})", unit="gen",
                disable=not progress)
     try:
         for g in range(start, cfg.generations):
+            if cfg.frame_budget and frames_used >= cfg.frame_budget:
+                print(f"{stage}: frame budget {cfg.frame_budget} reached ({frames_used} real frames) "
+                      f"after {g} generations")
+                break
             t0 = time.perf_counter()
             ask_key, fit_key, tell_key = jax.random.split(keys(g), 3)
             solutions = es.ask(ask_key)
@@ -224,6 +247,7 @@ def evolve(fitness: Callable[[jax.Array, np.ndarray], np.ndarray], n_params: int
             if getattr(fitness, "frames", None) is not None:
                 record["real_frames"] = fitness.frames  # real environment frames this generation used
                 record["real_frames_saved"] = getattr(fitness, "frames_saved", 0)  # by early termination
+                frames_used += fitness.frames
             if real_score is not None and cfg.real_every and (g + 1) % cfg.real_every == 0:
                 real = real_score(best_params)
                 record.update(real_mean=real["mean"], real_std=real["std"], real_episodes=len(real["scores"]),
@@ -239,4 +263,4 @@ def evolve(fitness: Callable[[jax.Array, np.ndarray], np.ndarray], n_params: int
     finally:
         bar.close()
     return EvolveResult(best_params=np.asarray(best_params), best_return=best_return,
-                        generations=cfg.generations, records=records)
+                        generations=len(records), records=records)
