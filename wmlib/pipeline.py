@@ -314,6 +314,9 @@ def summary(run_dir: Path) -> tuple[list[dict], dict]:
     for row in rows:
         row["data_frames_total"] = frames["data"]
         row["real_frames_total"] = frames["total"]
+    fidelity = final_stage_dir(run_dir) / "evolve" / "fidelity" / "fidelity.json"
+    if rows and fidelity.exists():  # `wm fidelity` on the final evolution
+        rows[-1]["spearman"] = json.loads(fidelity.read_text())["rank"]["spearman"]
     return rows, stages
 
 
@@ -325,6 +328,9 @@ def format_summary(rows: list[dict], stages: dict) -> str:
     if rows:
         lines.append(f"real frames collected for training: {rows[-1]['data_frames_total']}; used by the method in "
                      f"all (data, real checks, selection of C): {rows[-1]['real_frames_total']}")
+    if rows and "spearman" in rows[-1]:
+        lines.append("dream fidelity of the last evolution, Spearman(dream, real) by dream horizon: " +
+                     ", ".join(f"{h}: {v:.2f}" for h, v in rows[-1]["spearman"].items()))
     ordered = sorted(stages.items(), key=lambda kv: kv[1].get("order", 0))
     lines.append("wall time per stage: " + ", ".join(f"{k} {v['wall_s']:.0f}s" for k, v in ordered))
     lines.append(f"total: {sum(v['wall_s'] for v in stages.values()) / 60:.1f} min")
