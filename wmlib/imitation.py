@@ -40,9 +40,11 @@ def action_targets(actions: np.ndarray) -> np.ndarray:
 
 
 @eqx.filter_jit
-def _features(vae, mdnrnn, frames: jax.Array, actions: jax.Array) -> jax.Array:
-    """[z_t, h_t] (T, z_dim + hidden) as the agent sees them driving this episode (z = V's mean)."""
-    z, _ = jax.vmap(vae.encode)(frames.astype(jnp.float32) / 255.0)
+def _features(vae, mdnrnn, frames: jax.Array, actions: jax.Array, key: jax.Array) -> jax.Array:
+    """[z_t, h_t] (T, z_dim + hidden) as the agent sees them driving this episode: z drawn from V's
+    posterior (the agent's default), h from M watching (z, a)."""
+    mu, logvar = jax.vmap(vae.encode)(frames.astype(jnp.float32) / 255.0)
+    z = mu + jnp.exp(0.5 * logvar) * jax.random.normal(key, mu.shape)
 
     def body(state, x):
         return mdnrnn.advance(state, *x), state[0]
@@ -110,8 +112,9 @@ def imitation_bound(agent_dir: str | os.PathLike, heuristic_episodes: list, out:
     vae, _ = load_vae(part_path(agent_dir, "V"))
     mdnrnn, _ = load_mdnrnn(part_path(agent_dir, "M"))
     feats, targets = [], []
+    keys = iter(jax.random.split(jax.random.PRNGKey(seed), len(heuristic_episodes) + rounds * episodes_per_round))
     for ep in heuristic_episodes:
-        feats.append(np.asarray(_features(vae, mdnrnn, jnp.asarray(ep.frames), jnp.asarray(ep.actions))))
+        feats.append(np.asarray(_features(vae, mdnrnn, jnp.asarray(ep.frames), jnp.asarray(ep.actions), next(keys))))
         targets.append(action_targets(ep.actions))
     out = Path(out)
     assemble_agent(out, Path(agent_dir) / "vae.eqx", Path(agent_dir) / "mdnrnn.eqx")
@@ -132,7 +135,7 @@ def imitation_bound(agent_dir: str | os.PathLike, heuristic_episodes: list, out:
                 if error is not None:
                     raise RuntimeError(f"DAgger episode failed: {error}")
                 feats.append(np.asarray(_features(vae, mdnrnn, jnp.asarray(res["frames"]),
-                                                  jnp.asarray(res["actions"]))))
+                                                  jnp.asarray(res["actions"]), next(keys))))
                 targets.append(action_targets(res["labels"]))
                 returns.append(res["return"])
                 frames += len(res["frames"])
