@@ -183,7 +183,7 @@ PRESETS: dict[str, Preset] = {
         evolve=EvolveConfig(generations=100, episode_len=200, road_starts=True, real_every=0, select_candidates=4,
                             select_episodes=16),
         evaluate=EvalConfig(episodes=100),
-        iterations=2,
+        iterations=1,
     ),
 }
 
