@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from wmlib.config import PRETRAINED_DIR, SAMPLE_DIR
+from wmlib.pipeline import real_frames
 from wmlib.data import episode_files, load_episode
 
 ENV = {**os.environ, "WM_PRESET": "smoke"}
@@ -109,6 +110,12 @@ def test_pipeline_smoke_runs_every_stage_and_resumes(tmp_path):
     assert {"collect", "vae", "encode", "mdnrnn", "evolve", "evaluate", "iter_1/evaluate"} <= set(stages)
     for part in ("vae.eqx", "mdnrnn.eqx", "controller.eqx"):
         assert (tmp_path / "iter_1" / "agent" / part).exists()
+    # C was chosen by selection-range episodes, and every real frame the method drove is counted:
+    # 4 + 4 episodes of 60 steps (mirror images are not new frames), 2 x 2 candidates x 1 episode
+    assert {"select", "iter_1/select"} <= set(stages)
+    frames = real_frames(tmp_path)
+    assert (frames["data"], frames["selection"], frames["total"]) == (8 * 60, 4 * 60, 12 * 60)
+    assert f"used by the method in all (data, real checks, selection of C): {12 * 60}" in proc.stdout
     again = wm("pipeline", "--preset", "smoke", "--run", tmp_path, "--workers", 2)
     assert "done earlier" in again.stdout  # resumed: every stage skipped
     proc = wm("pipeline", "--preset", "tiny", "--run", tmp_path, check=False)

@@ -288,9 +288,10 @@ def iterate(run_dir: Path, i: int, preset: Preset, stages: Stages, workers: int 
 
 
 def real_frames(run_dir: Path) -> dict[str, int]:
-    """The real frames the method used in a run: collected data (all policies and iterations), real
-    checks during evolution and the selection of C; test evaluations are not part of the method."""
-    data = sum(e["steps"] for e in read_manifest(run_dir / "data").values())
+    """The real frames the method used in a run: collected data (all policies and iterations; mirror
+    images are not new frames), real checks during evolution and the selection of C; test
+    evaluations are not part of the method."""
+    data = sum(e["steps"] for e in read_manifest(run_dir / "data").values() if not e.get("mirrored"))
     evolve_dirs = [run_dir / "evolve"] + [p / "evolve" for p in sorted(run_dir.glob("iter_*"))]
     checks = sum(r.get("real_frames_checked", 0) for d in evolve_dirs for r in read_jsonl(d / "metrics.jsonl"))
     select = sum(json.loads((d / "selection.json").read_text())["frames"] for d in evolve_dirs
