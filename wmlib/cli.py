@@ -88,6 +88,10 @@ def cmd_train_rnn(args) -> None:
         if args.reward_asymmetry <= 0:
             raise ValueError(f"--reward-asymmetry must be positive, got {args.reward_asymmetry}")
         cfg = dataclasses.replace(cfg, reward_asymmetry=args.reward_asymmetry)
+    if args.dropout is not None:
+        if not 0 <= args.dropout < 1:
+            raise ValueError(f"--dropout must lie in [0, 1), got {args.dropout}")
+        cfg = dataclasses.replace(cfg, dropout=args.dropout)
     vae_id = vae_id_of(args.vae)
     init = None
     if args.init:
@@ -110,7 +114,8 @@ def cmd_evolve(args) -> None:
     cfg = _preset(args).evolve
     changes = {k: v for k, v in {"optimizer": args.optimizer, "generations": args.generations,
                                   "popsize": args.popsize, "repeats": args.repeats, "sigma0": args.sigma0,
-                                  "tau": args.tau, "frame_budget": args.frame_budget}.items() if v is not None}
+                                  "tau": args.tau, "frame_budget": args.frame_budget,
+                                  "dream_dropout": args.dream_dropout}.items() if v is not None}
     if args.frame_budget is not None and args.frame_budget <= 0:
         raise ValueError(f"--frame-budget must be a positive number of real frames, got {args.frame_budget}")
     cfg = dataclasses.replace(cfg, **changes)
@@ -282,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", default=None, help="mdnrnn.eqx to fine-tune (trained on the same V)")
     p.add_argument("--reward-asymmetry", type=float, default=None,
                    help="weight of reward over-prediction in M's loss (default 1; >1 makes M pessimistic)")
+    p.add_argument("--dropout", type=float, default=None,
+                   help="dropout on M's LSTM inputs and state while training (Dropout's Dream Land: 0.05)")
     preset_arg(p)
     p.set_defaults(func=cmd_train_rnn)
 
@@ -305,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generations", type=_positive_int, default=None)
     p.add_argument("--popsize", type=int, default=None)
     p.add_argument("--tau", type=float, default=None, help="dream temperature")
+    p.add_argument("--dream-dropout", type=float, default=None,
+                   help="a new dropout mask on M per dream episode (Dropout's Dream Land: 0.1)")
     preset_arg(p)
     env_args(p)
     p.set_defaults(func=cmd_evolve)

@@ -103,6 +103,7 @@ class RNNConfig:
     reward_floor: float = -1.0     # reward targets below are raised to it (the -100 of leaving the map)
     offroad_done: bool = False     # the done head learns "off the road next step" (the dream ends there)
     done_pos_weight: float = 1.0   # weight of the rare positive done targets in the BCE
+    dropout: float = 0.0           # dropout on the LSTM's inputs and recurrent state in training
     epochs: int = 20
     val_episodes: int = 2
     seed: int = 0
@@ -119,6 +120,7 @@ class EvolveConfig:
     tau: float = 1.0
     start: str = "warm"          # "warm": LSTM warmed on real frames; "real": real z, zero h; "zero"
     road_starts: bool = False    # dreams start only at on-road frames (and episode starts), like real ones
+    dream_dropout: float = 0.0   # a new dropout mask on M per dream episode (Dropout's Dream Land)
     optimizer: str = "pycma"     # or "evosax"
     real_every: int = 10         # score the best on real episodes every K generations (0: never)
     real_episodes: int = 4

@@ -19,6 +19,9 @@ Start states come from real encoded frames (`StartBank`), in one of three modes:
   "real": the same real z, but a zero LSTM state;
   "zero": z = 0 (the mean of V's prior) and a zero LSTM state; needs no real data.
 
+With `dropout` > 0 every dream episode draws its own dropout mask on M's LSTM (`mdnrnn.dropout_mask`)
+and keeps it to the end: each dream is a slightly different world (Dropout's Dream Land).
+
 `DreamCarRacing` wraps the same functions as a `gymnasium.Env`.
 """
 
@@ -34,7 +37,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from wmlib.controller import Controller, check_fits, from_flat
-from wmlib.mdnrnn import MDNRNN, sample_next_z
+from wmlib.mdnrnn import MDNRNN, dropout_mask, sample_next_z
 
 START_MODES = ("warm", "real", "zero")
 ACTION_LOW = np.array([-1.0, 0.0, 0.0], np.float32)
@@ -86,16 +89,18 @@ def make_start_bank(mus: Sequence[np.ndarray], logvars: Sequence[np.ndarray], ac
 
 
 class DreamParams(eqx.Module):
-    """Everything a dream needs: M, the start bank, the temperature, the episode length, the start mode."""
+    """Everything a dream needs: M, the start bank, the temperature, the episode length, the start
+    mode, and the dropout rate of M per dream episode."""
 
     mdnrnn: MDNRNN
     bank: StartBank | None
     tau: Float[Array, ""]
+    dropout: Float[Array, ""]
     max_steps: int = eqx.field(static=True)
     start: str = eqx.field(static=True)
 
     def __init__(self, mdnrnn: MDNRNN, bank: StartBank | None = None, tau: float = 1.0,
-                 max_steps: int = 1000, start: str = "warm"):
+                 max_steps: int = 1000, start: str = "warm", dropout: float = 0.0):
         if start not in START_MODES:
             raise ValueError(f"unknown dream start mode {start!r}; valid modes: {', '.join(START_MODES)}")
         if start != "zero" and bank is None:
@@ -106,8 +111,11 @@ class DreamParams(eqx.Module):
                              f"M expects {mdnrnn.z_dim} and {mdnrnn.action_dim}")
         if not tau > 0 or max_steps < 1:
             raise ValueError(f"need tau > 0 and max_steps >= 1, got tau={tau}, max_steps={max_steps}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dream dropout must lie in [0, 1), got {dropout}")
         self.mdnrnn, self.bank, self.max_steps, self.start = mdnrnn, bank, max_steps, start
-        self.tau = jnp.asarray(tau, jnp.float32)  # an array, so a new tau does not recompile
+        self.tau = jnp.asarray(tau, jnp.float32)  # arrays, so a new tau or dropout does not recompile
+        self.dropout = jnp.asarray(dropout, jnp.float32)
 
 
 class DreamState(eqx.Module):
@@ -119,12 +127,15 @@ class DreamState(eqx.Module):
     t: Int[Array, ""]
     done: Bool[Array, ""]         # the episode is over (M's done head, or max_steps reached)
     terminated: Bool[Array, ""]   # M's done head ended it
+    mask: tuple[Float[Array, "in"], Float[Array, "hidden"]]  # this dream's dropout mask on M (ones: none)
 
 
 def reset(key: jax.Array, params: DreamParams) -> DreamState:
     """Start one dream episode (see the module docstring for the start modes)."""
     m = params.mdnrnn
     h, c = m.initial_state()
+    # its own stream (fold_in), so the start drawn from `key` is the same with or without dropout
+    mask = dropout_mask(jax.random.fold_in(key, 1), params.dropout, m.z_dim + m.action_dim, m.hidden)
     if params.start == "zero":
         z = jnp.zeros(m.z_dim)
     else:
@@ -145,7 +156,7 @@ def reset(key: jax.Array, params: DreamParams) -> DreamState:
 
             (h, c), _ = jax.lax.scan(warm, (h, c), (zs, b.action[idx], valid))
     false = jnp.zeros((), bool)
-    return DreamState(z, h, c, jnp.zeros((), jnp.int32), false, false)
+    return DreamState(z, h, c, jnp.zeros((), jnp.int32), false, false, mask)
 
 
 def road_starts(offroad: np.ndarray, ahead: int = 20) -> np.ndarray:
@@ -171,11 +182,11 @@ def step(key: jax.Array, state: DreamState, action: Float[Array, "action_dim"], 
          ) -> tuple[DreamState, Float[Array, "obs"], Float[Array, ""], Bool[Array, ""]]:
     """One dream step -> (state, obs [z_{t+1}, h_{t+1}], reward r_t, done). A done state stays as it is
     and earns 0."""
-    (h, c), out = params.mdnrnn.step((state.h, state.c), state.z, action)
+    (h, c), out = params.mdnrnn.step((state.h, state.c), state.z, action, state.mask)
     z = sample_next_z(key, out, params.tau)
     terminated = out.done_logit > 0.0  # sigmoid(logit) > 0.5
     t = state.t + 1
-    new = DreamState(z, h, c, t, terminated | (t >= params.max_steps), terminated)
+    new = DreamState(z, h, c, t, terminated | (t >= params.max_steps), terminated, state.mask)
     new = jax.tree.map(lambda old, n: jnp.where(state.done, old, n), state, new)
     return new, observation(new), jnp.where(state.done, 0.0, out.reward), new.done
 
@@ -243,7 +254,8 @@ def start_from_frame(mdnrnn: MDNRNN, mu: Float[Array, "T z_dim"], actions: Float
     for t in range(max(0, index - warmup), index):
         h, c = mdnrnn.advance((h, c), jnp.asarray(mu[t]), jnp.asarray(actions[t]))
     false = jnp.zeros((), bool)
-    return DreamState(jnp.asarray(mu[index]), h, c, jnp.zeros((), jnp.int32), false, false)
+    no_dropout = (jnp.ones(mdnrnn.z_dim + mdnrnn.action_dim), jnp.ones(mdnrnn.hidden))
+    return DreamState(jnp.asarray(mu[index]), h, c, jnp.zeros((), jnp.int32), false, false, no_dropout)
 
 
 class DreamDrive(NamedTuple):

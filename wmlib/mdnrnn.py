@@ -18,6 +18,11 @@ every matmul is (batch, in) @ (in, out) and XLA needs no transposes in the dream
 
 Targets of step t: z_{t+1} (the next frame's latent), r_t and done_t (the reward and end flag that
 followed a_t). Sampling with temperature tau divides the logits by tau and scales sigma by sqrt(tau).
+
+Dropout (Dropout's Dream Land, Wellmer & Kwok 2021): an optional `mask` multiplies the LSTM's inputs
+[z_t, a_t] and its recurrent h_t by 0 or 1/(1-p), one mask held fixed along a whole sequence. In
+training it regularises M; in the dream a new mask per dream episode makes each dream a slightly
+different world, so a controller cannot exploit the quirks of one M.
 """
 
 from __future__ import annotations
@@ -42,6 +47,15 @@ from wmlib.train import fit, make_step
 LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 LSTMState = tuple[Float[Array, "hidden"], Float[Array, "hidden"]]
+DropoutMask = tuple[Float[Array, "in"], Float[Array, "hidden"]]  # on [z, a] and on h
+
+
+def dropout_mask(key: jax.Array, rate: float | Float[Array, ""], n_in: int, hidden: int) -> DropoutMask:
+    """Inverted-dropout masks for M's inputs (n_in) and recurrent state (hidden): each entry 0 with
+    probability `rate`, else 1 / (1 - rate); all ones when rate is 0."""
+    k_in, k_h = jax.random.split(key)
+    keep = 1.0 - rate
+    return tuple(jax.random.bernoulli(k, keep, (n,)) / keep for k, n in ((k_in, n_in), (k_h, hidden)))
 
 
 class MDNOutputs(NamedTuple):
@@ -91,30 +105,37 @@ class MDNRNN(eqx.Module):
         mdn = out[:3 * n].reshape(3, self.z_dim, self.n_mix)
         return MDNOutputs(mdn[0], mdn[1], mdn[2], out[3 * n], out[3 * n + 1])
 
-    def advance(self, state: LSTMState, z: Float[Array, "z_dim"], a: Float[Array, "action_dim"]) -> LSTMState:
-        """The LSTM update alone: (h_t, c_t), z_t, a_t -> (h_{t+1}, c_{t+1})."""
+    def advance(self, state: LSTMState, z: Float[Array, "z_dim"], a: Float[Array, "action_dim"],
+                mask: DropoutMask | None = None) -> LSTMState:
+        """The LSTM update alone: (h_t, c_t), z_t, a_t -> (h_{t+1}, c_{t+1}); `mask`: dropout."""
         h, c = state
-        return self._cell(jnp.concatenate([z, a, h]) @ self.weight + self.bias, c)
+        x = jnp.concatenate([z, a])
+        if mask is not None:
+            x, h = x * mask[0], h * mask[1]
+        return self._cell(jnp.concatenate([x, h]) @ self.weight + self.bias, c)
 
-    def step(self, state: LSTMState, z: Float[Array, "z_dim"], a: Float[Array, "action_dim"]
-             ) -> tuple[LSTMState, MDNOutputs]:
+    def step(self, state: LSTMState, z: Float[Array, "z_dim"], a: Float[Array, "action_dim"],
+             mask: DropoutMask | None = None) -> tuple[LSTMState, MDNOutputs]:
         """One step: (h_t, c_t), z_t, a_t -> (h_{t+1}, c_{t+1}), predictions."""
-        state = self.advance(state, z, a)
+        state = self.advance(state, z, a, mask)
         return state, self.heads(state[0])
 
     def forward_sequence(self, z_seq: Float[Array, "T z_dim"], a_seq: Float[Array, "T action_dim"],
-                         state: LSTMState | None = None) -> MDNOutputs:
-        """Run over a sequence from `state` (default zeros) as one lax.scan -> outputs with a time axis.
+                         state: LSTMState | None = None, mask: DropoutMask | None = None) -> MDNOutputs:
+        """Run over a sequence from `state` (default zeros) as one lax.scan -> outputs with a time axis;
+        `mask` (dropout) is the same at every step.
 
         The input projection and the heads are applied to all steps at once, outside the scan; only
         the recurrent matmul stays inside it.
         """
         n_in = self.z_dim + self.action_dim
-        gates_x = jnp.concatenate([z_seq, a_seq], axis=-1) @ self.weight[:n_in] + self.bias
+        x = jnp.concatenate([z_seq, a_seq], axis=-1)
+        m_h = 1.0 if mask is None else mask[1]
+        gates_x = (x if mask is None else x * mask[0]) @ self.weight[:n_in] + self.bias
         w_h = self.weight[n_in:]
 
         def body(carry, gx):
-            h, c = self._cell(gx + carry[0] @ w_h, carry[1])
+            h, c = self._cell(gx + (carry[0] * m_h) @ w_h, carry[1])
             return (h, c), h
 
         _, hs = jax.lax.scan(body, self.initial_state() if state is None else state, gates_x)
@@ -163,7 +184,7 @@ def mdnrnn_loss(model: MDNRNN, z_seq: Float[Array, "B T z_dim"], a_seq: Float[Ar
                 mask: Float[Array, "B T"], z_mask: Float[Array, "B T"] | None = None, *,
                 w_mdn: float = 1.0, w_reward: float = 10.0, w_done: float = 10.0,
                 reward_asymmetry: float = 1.0, reward_floor: float = -math.inf,
-                done_pos_weight: float = 1.0) -> tuple[Array, dict]:
+                done_pos_weight: float = 1.0, masks: DropoutMask | None = None) -> tuple[Array, dict]:
     """Loss of a batch of sequences -> (loss, {"nll", "reward_loss", "done_loss"}).
 
     loss = w_mdn * NLL + w_reward * reward loss + w_done * done BCE (defaults 1 / 10 / 10), each a mean
@@ -172,10 +193,11 @@ def mdnrnn_loss(model: MDNRNN, z_seq: Float[Array, "B T z_dim"], a_seq: Float[Ar
     (1: plain MSE), so a dream that promises reward the real track would not give is penalised more.
     Reward targets below `reward_floor` are raised to it (the -100 of leaving the map would otherwise
     dominate the squared error; the done head carries that event). In the done BCE the rare positive
-    targets weigh `done_pos_weight` times (so the head fires on them at all). `z_mask` (default `mask`) marks the steps whose next latent exists: the last step of an episode
+    targets weigh `done_pos_weight` times (so the head fires on them at all). `masks` (B, in) and
+    (B, hidden): one dropout mask per sequence. `z_mask` (default `mask`) marks the steps whose next latent exists: the last step of an episode
     has a reward and a done target but no next frame.
     """
-    out = jax.vmap(model.forward_sequence)(z_seq, a_seq)
+    out = jax.vmap(lambda z, a, m: model.forward_sequence(z, a, None, m))(z_seq, a_seq, masks)
     nll = _masked_mean(-jnp.mean(mdn_log_prob(out, z_next), axis=-1), mask if z_mask is None else z_mask)
     err = out.reward - jnp.maximum(reward, reward_floor)
     reward_loss = _masked_mean(jnp.where(err > 0, reward_asymmetry, 1.0) * err * err, mask)
@@ -211,9 +233,15 @@ def make_loss_fn(cfg: RNNConfig = RNNConfig()):
     latents every epoch; here every batch), so M learns from V's uncertainty, not only its means.
     """
     def loss_fn(model: MDNRNN, batch: Batch, key: jax.Array):
-        return mdnrnn_loss(model, *_sequences(batch, key, cfg.offroad_done), w_mdn=cfg.w_mdn,
+        k_z, k_drop = jax.random.split(key)
+        masks = None
+        if cfg.dropout > 0:
+            B = batch["mu"].shape[0]
+            masks = jax.vmap(lambda k: dropout_mask(k, cfg.dropout, model.z_dim + model.action_dim, model.hidden))(
+                jax.random.split(k_drop, B))
+        return mdnrnn_loss(model, *_sequences(batch, k_z, cfg.offroad_done), w_mdn=cfg.w_mdn,
                            w_reward=cfg.w_reward, w_done=cfg.w_done, reward_asymmetry=cfg.reward_asymmetry,
-                           reward_floor=cfg.reward_floor, done_pos_weight=cfg.done_pos_weight)
+                           reward_floor=cfg.reward_floor, done_pos_weight=cfg.done_pos_weight, masks=masks)
     return loss_fn
 
 

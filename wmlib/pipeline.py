@@ -138,7 +138,8 @@ def dream_params(mdnrnn, encoded: dict, cfg, horizon: int | None = None):
     eps = list(encoded.values())
     bank = make_start_bank([e["mu"] for e in eps], [e["logvar"] for e in eps], [e["actions"] for e in eps],
                            start_ok=[road_starts(e["offroad"]) for e in eps] if cfg.road_starts else None)
-    return DreamParams(mdnrnn, bank, tau=cfg.tau, max_steps=horizon or cfg.episode_len, start=cfg.start)
+    return DreamParams(mdnrnn, bank, tau=cfg.tau, max_steps=horizon or cfg.episode_len, start=cfg.start,
+                       dropout=cfg.dream_dropout)
 
 
 def dream_fitness(mdnrnn, encoded: dict, cfg):
