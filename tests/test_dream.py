@@ -138,3 +138,22 @@ def test_gymnasium_env_passes_check_env_and_renders():
             env.step(np.array(bad, np.float32))
     with pytest.raises(ValueError, match="needs a vae"):
         DreamCarRacing(params, render_mode="rgb_array")
+
+
+def test_dream_dropout_draws_one_mask_per_dream_and_keeps_it():
+    """dropout 0: masks of ones and the same start as before; dropout > 0: each dream its own mask,
+    the same at every step, and the dreams differ from the undropped ones."""
+    m, bank = tiny_mdnrnn(), tiny_bank(warmup=3)
+    plain, dropped = DreamParams(m, bank, max_steps=20), DreamParams(m, bank, max_steps=20, dropout=0.3)
+    key = jax.random.PRNGKey(4)
+    a, b = reset(key, plain), reset(key, dropped)
+    assert all(bool(jnp.all(x == 1.0)) for x in a.mask)
+    np.testing.assert_allclose(a.z, b.z)  # the start does not depend on the dropout rate
+    other = reset(jax.random.PRNGKey(5), dropped)
+    assert not np.array_equal(b.mask[1], other.mask[1])
+    state = b
+    for k in jax.random.split(key, 5):
+        state, *_ = step(k, state, jnp.zeros(3), dropped)
+        assert np.array_equal(state.mask[1], b.mask[1])
+    with pytest.raises(ValueError, match=r"dropout must lie in \[0, 1\)"):
+        DreamParams(m, bank, dropout=1.0)

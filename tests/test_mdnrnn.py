@@ -223,3 +223,27 @@ def test_checkpoint_round_trip(model, tmp_path):
     save(tmp_path / "c.eqx", model, "controller", {})
     with pytest.raises(CheckpointError, match="expected a mdnrnn"):
         load_mdnrnn(tmp_path / "c.eqx")
+
+
+def test_dropout_masks_and_their_use(model):
+    """A mask of ones changes nothing; forward_sequence with a mask equals stepping with it; masks
+    are inverted dropout (entries 0 or 1/(1-p), mean about 1)."""
+    from wmlib.mdnrnn import dropout_mask
+
+    ones = dropout_mask(jax.random.PRNGKey(0), 0.0, Z + A, H)
+    assert all(bool(jnp.all(m == 1.0)) for m in ones)
+    m_in, m_h = dropout_mask(jax.random.PRNGKey(1), 0.5, 4000, 4000)
+    assert set(np.unique(np.asarray(m_in)).tolist()) == {0.0, 2.0}
+    assert abs(float(m_h.mean()) - 1.0) < 0.1
+    rng = np.random.default_rng(5)
+    zs, acts = jnp.asarray(rng.normal(size=(6, Z)), jnp.float32), jnp.asarray(rng.uniform(size=(6, A)), jnp.float32)
+    np.testing.assert_allclose(model.forward_sequence(zs, acts, None, ones).mu, model.forward_sequence(zs, acts).mu,
+                               rtol=1e-6)
+    mask = dropout_mask(jax.random.PRNGKey(2), 0.3, Z + A, H)
+    out = model.forward_sequence(zs, acts, None, mask)
+    state, mus = model.initial_state(), []
+    for z, a in zip(zs, acts):
+        state, o = model.step(state, z, a, mask)
+        mus.append(o.mu)
+    np.testing.assert_allclose(out.mu, np.stack(mus), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(out.mu, model.forward_sequence(zs, acts).mu)  # the mask did something
