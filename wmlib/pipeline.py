@@ -331,8 +331,9 @@ def format_summary(rows: list[dict], stages: dict) -> str:
         lines.append(f"real frames collected for training: {rows[-1]['data_frames_total']}; used by the method in "
                      f"all (data, real checks, selection of C): {rows[-1]['real_frames_total']}")
     if rows and "spearman" in rows[-1]:
+        by_horizon = sorted(rows[-1]["spearman"].items(), key=lambda kv: int(kv[0]))
         lines.append("dream fidelity of the last evolution, Spearman(dream, real) by dream horizon: " +
-                     ", ".join(f"{h}: {v:.2f}" for h, v in rows[-1]["spearman"].items()))
+                     ", ".join(f"{h}: {v:.2f}" for h, v in by_horizon))
     ordered = sorted(stages.items(), key=lambda kv: kv[1].get("order", 0))
     lines.append("wall time per stage: " + ", ".join(f"{k} {v['wall_s']:.0f}s" for k, v in ordered))
     lines.append(f"total: {sum(v['wall_s'] for v in stages.values()) / 60:.1f} min")
