@@ -11,10 +11,11 @@ from wmlib.policies import (
     BrownianPolicy,
     ControllerPolicy,
     RecoveryPolicy,
+    WeavePolicy,
     make_policy,
 )
 
-NAMES = ("random", "brownian", "heuristic", "recovery", "controller")
+NAMES = ("random", "brownian", "heuristic", "recovery", "weave", "controller")
 ENV_SEED = 8  # a track the heuristic laps in about 650 steps
 
 
@@ -76,7 +77,7 @@ def test_actions_are_float32_in_the_action_space(env, name):
     assert np.all(actions >= low) and np.all(actions <= high)
 
 
-@pytest.mark.parametrize("name", ["random", "brownian", "recovery"])
+@pytest.mark.parametrize("name", ["random", "brownian", "recovery", "weave"])
 def test_same_seed_same_actions_other_seed_other_actions(env, name):
     # Recovery needs a mistake to happen before its actions differ: make them frequent.
     kwargs = {"mistake_rate": 0.1} if name == "recovery" else {}
@@ -87,7 +88,7 @@ def test_same_seed_same_actions_other_seed_other_actions(env, name):
     assert not np.array_equal(first, other)
 
 
-@pytest.mark.parametrize("name", ["random", "brownian", "recovery"])
+@pytest.mark.parametrize("name", ["random", "brownian", "recovery", "weave"])
 def test_act_before_reset_is_an_error(env, name):
     obs, _ = env.reset(seed=0)
     with pytest.raises(RuntimeError, match="reset"):
@@ -150,6 +151,21 @@ def test_recovery_makes_mistakes_but_progresses(env):
     assert sum(mistakes) >= 10
     assert not np.allclose(np.array(actions), heuristic)
     assert u.tile_visited_count / len(u.track) > 0.3  # a heuristic lap is ~0.75 of a track by 500
+
+
+def test_weave_offset_has_its_stationary_std_and_the_car_progresses(env):
+    # The offset is an AR(1) process: its std must be steer_std and its lag-1 autocorrelation 1 - theta,
+    # whatever the heuristic does (checked on a long walk without an environment).
+    policy = WeavePolicy(steer_std=0.4, theta=0.1)
+    policy.reset(np.random.default_rng(0))
+    offsets = np.array([policy.next_offset() for _ in range(40_000)])
+    assert abs(offsets.std() - 0.4) < 0.03
+    assert abs(np.corrcoef(offsets[:-1], offsets[1:])[0, 1] - 0.9) < 0.02
+    steps = 500
+    heuristic, _, _ = run_episode(env, make_policy("heuristic"), policy_seed=0, steps=steps)
+    weave, _, progress = run_episode(env, WeavePolicy(), policy_seed=0, steps=steps)
+    assert np.abs(weave[:, 0] - heuristic[:, 0]).mean() > 0.2  # the wheel is really moved
+    assert progress > 0.1  # and the heuristic still brings the car along the track (a lap is ~0.75 by 500)
 
 
 def test_controller_needs_an_agent():

@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("collect", help="drive real CarRacing-v3 episodes with a policy and save them")
-    p.add_argument("--policy", default="brownian", help="random, brownian, heuristic, recovery or controller")
+    p.add_argument("--policy", default="brownian", help="random, brownian, heuristic, recovery, weave or controller")
     p.add_argument("--episodes", type=_positive_int, default=8)
     p.add_argument("--max-steps", type=_positive_int, default=1000)
     p.add_argument("--workers", type=_positive_int, default=None, help="worker processes (default: all cores)")

@@ -10,6 +10,8 @@ gap of the earlier attempt). We therefore mix drivers of different skill:
   that only data collection may use), so the data contain good laps;
 - `recovery`: the heuristic with random mistakes (bursts, hands-off, braking), so the data contain
   slides and the recoveries from them;
+- `weave`: the heuristic with a random hand on the wheel, so the data show what steering does at
+  speed (the heuristic's own steering follows the road, which teaches M little about its effect);
 - `controller`: a trained World-Models agent (V, M and C), for the sim2real loop.
 
 Every policy takes all its randomness from the generator given to `reset`, so an episode is
@@ -309,6 +311,44 @@ class RecoveryPolicy(HeuristicPolicy):
         return _as_action(steer, gas, brake)
 
 
+class WeavePolicy(HeuristicPolicy):
+    """The heuristic driver with a random steering offset, so M can learn what steering does.
+
+    The heuristic steers as the road bends, so in its data the steering is predictable from the
+    frame and M can predict the next frame without reading the action: a dream trained on it barely
+    responds to steering, and a controller evolved in it never learns to steer. Here an
+    Ornstein-Uhlenbeck offset (stationary std `steer_std`, mean reversion `theta` per step, i.e. a
+    correlation time of about 1/theta steps) is added to the heuristic's steering. The offset does
+    not depend on what the car sees; the heuristic then corrects the swerve, so the car weaves along
+    the road at speed (top speed drawn per episode, 0.6 to 1.0 of the heuristic's).
+    """
+
+    name = "weave"
+
+    def __init__(self, steer_std: float = 0.3, theta: float = 0.1, **kwargs):
+        super().__init__(**kwargs)
+        self.steer_std, self.theta = steer_std, theta
+        self._base_top_speed = self.top_speed
+
+    def reset(self, rng: np.random.Generator) -> None:
+        super().reset(rng)
+        self.top_speed = self._base_top_speed * rng.uniform(0.6, 1.0)
+        self.offset = rng.normal(0.0, self.steer_std)
+
+    def next_offset(self) -> float:
+        """One AR(1) step of the offset: o <- (1 - theta) o + sigma eps, with sigma chosen so that
+        the stationary std stays `steer_std` (variance sigma^2 / (1 - (1 - theta)^2))."""
+        rng = self._require_rng()
+        sigma = self.steer_std * math.sqrt(self.theta * (2.0 - self.theta))
+        self.offset = (1.0 - self.theta) * self.offset + sigma * rng.normal()
+        return self.offset
+
+    def act(self, obs: np.ndarray, env: gym.Env) -> np.ndarray:
+        offset = self.next_offset()
+        steer, gas, brake = self.drive(env)
+        return _as_action(steer + offset, gas, brake)
+
+
 class ControllerPolicy(Policy):
     """A trained World-Models agent (V, M, C) behind the policy interface.
 
@@ -342,7 +382,7 @@ class ControllerPolicy(Policy):
 
 POLICIES: dict[str, type] = {p.name: p for p in
                              (RandomPolicy, BrownianPolicy, HeuristicPolicy, RecoveryPolicy,
-                              ControllerPolicy)}
+                              WeavePolicy, ControllerPolicy)}
 
 
 def make_policy(name: str, **kwargs) -> Policy:
