@@ -313,7 +313,7 @@ def train_mdnrnn(encoded: dict[str, dict[str, np.ndarray]], run_dir: str | os.Pa
     if model.z_dim != z_dim:
         raise ValueError(f"the initial M has z_dim {model.z_dim} but the encodings have z_dim {z_dim}")
     return fit(model, make_optimizer(cfg), make_loss_fn(cfg), sampler.batch, cfg.epochs * sampler.batches_per_epoch,
-               run_dir, "mdnrnn", "mdnrnn", mdnrnn_hyper(model), seed=cfg.seed,
+               run_dir, name="mdnrnn", hyper=mdnrnn_hyper(model), seed=cfg.seed,
                evaluate=(lambda m: validation_metrics(m, val_batches, cfg.offroad_done)) if val_batches else None,
                eval_every=sampler.batches_per_epoch, extra={"vae_id": vae_id}, progress=progress)
 

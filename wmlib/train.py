@@ -52,18 +52,24 @@ def _train_state_path(run_dir: Path, name: str) -> Path:
 
 
 def fit(model: eqx.Module, optimizer: optax.GradientTransformation, loss_fn: Callable,
-        batch_fn: Callable[[int], Any], steps: int, run_dir: str | os.PathLike, name: str, kind: str,
-        hyper: dict, seed: int = 0, evaluate: Callable[[eqx.Module], dict] | None = None,
+        batch_fn: Callable[[int], Any], steps: int, run_dir: str | os.PathLike, *, name: str, hyper: dict,
+        kind: str | None = None, seed: int = 0, evaluate: Callable[[eqx.Module], dict] | None = None,
         eval_every: int = 500, log_every: int = 10, extra: dict | None = None, progress: bool = True,
         step_fn: Callable | None = None) -> eqx.Module:
     """Train `model` for `steps` steps (resuming from `run_dir` if a previous run stopped early).
 
+    `name` names the stage: its files (NAME.eqx, NAME.train.eqx), its metrics records and, unless
+    `kind` says otherwise, the checkpoint kind; `hyper` is the header that rebuilds the model.
     `batch_fn(i)` returns batch number i (so a resumed run sees the same batches); `step_fn`, when a
     model brings its own jitted step (same signature as `make_step`'s), replaces the generic one built
     from `loss_fn` and `optimizer` (which still initialises the optimiser state); `evaluate(model)`
     returns validation metrics, logged every `eval_every` steps and at the end, when the model and
-    training state are checkpointed too. Returns the trained model.
+    training state are checkpointed too. The loss stays on the device between log lines: every
+    `log_every` steps (and before each checkpoint) the losses since the last look are fetched at once,
+    checked for NaN and shown, so the host does not wait for the device every step. Returns the
+    trained model.
     """
+    kind = name if kind is None else kind
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path, state_path = run_dir / "metrics.jsonl", _train_state_path(run_dir, name)
@@ -92,23 +98,31 @@ def fit(model: eqx.Module, optimizer: optax.GradientTransformation, loss_fn: Cal
     bar = tqdm(total=steps, initial=start, desc=f"train {name}", unit="step", disable=not progress)
     t0 = time.perf_counter()
     last_good = start
+    pending: list = []  # the losses (device scalars) of the steps since the host last looked
     try:
         for i in range(start, steps):
-            new_model, new_opt_state, loss, aux = step_fn(model, opt_state, batch_fn(i), jax.random.fold_in(base_key, i))
-            loss = float(loss)
-            if not math.isfinite(loss):
-                kept = (f"the last good checkpoint {run_dir / (name + '.eqx')} (step {last_good}) is kept"
-                        if last_good else "no checkpoint was written yet")
-                raise TrainingDiverged(f"{name}: loss became {loss} at step {i}; stopped, {kept}. "
-                                       "Try a lower learning rate.")
-            model, opt_state = new_model, new_opt_state
+            model, opt_state, loss, aux = step_fn(model, opt_state, batch_fn(i), jax.random.fold_in(base_key, i))
+            pending.append(loss)
             bar.update()
-            bar.set_postfix(loss=f"{loss:.4g}")
             done = i + 1
-            if done % log_every == 0 or done == steps:
-                append_jsonl(metrics_path, {"stage": name, "step": done, "loss": loss, "elapsed_s": time.perf_counter() - t0,
+            log, checkpoint_now = done % log_every == 0 or done == steps, done % eval_every == 0 or done == steps
+            if not (log or checkpoint_now):
+                continue
+            losses = [float(x) for x in jax.device_get(pending)]  # one wait for the device per log line
+            first = done - len(losses)
+            pending = []
+            for j, value in enumerate(losses):
+                if not math.isfinite(value):
+                    kept = (f"the last good checkpoint {run_dir / (name + '.eqx')} (step {last_good}) is kept"
+                            if last_good else "no checkpoint was written yet")
+                    raise TrainingDiverged(f"{name}: loss became {value} at step {first + j}; stopped, {kept}. "
+                                           "Try a lower learning rate.")
+            bar.set_postfix(loss=f"{losses[-1]:.4g}")
+            if log:
+                append_jsonl(metrics_path, {"stage": name, "step": done, "loss": losses[-1],
+                                            "elapsed_s": time.perf_counter() - t0,
                                             **{k: float(v) for k, v in aux.items()}})
-            if done % eval_every == 0 or done == steps:
+            if checkpoint_now:
                 log_eval(done)
                 save(done)
                 last_good = done

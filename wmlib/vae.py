@@ -409,7 +409,7 @@ def train_vae(data_dir: str | os.PathLike, run_dir: str | os.PathLike, cfg: VAEC
     vae = init if init is not None else ConvVAE(jax.random.PRNGKey(cfg.seed), cfg.z_dim)
     optimizer = make_optimizer(cfg.learning_rate)
     return fit(vae, optimizer, make_loss_fn(cfg.kl_tolerance), sampler.batch, cfg.steps,
-               run_dir, "vae", "vae", vae_hyper(vae), seed=cfg.seed,
+               run_dir, name="vae", hyper=vae_hyper(vae), seed=cfg.seed,
                evaluate=(lambda m: validation_metrics(m, val, cfg.batch_size, cfg.kl_tolerance, cfg.seed))
                if val is not None else None, eval_every=cfg.eval_every, progress=progress,
                step_fn=make_train_step(optimizer, cfg.kl_tolerance))
