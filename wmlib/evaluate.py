@@ -232,8 +232,8 @@ def write_media(agent_dir: str | os.PathLike, episodes_dir: str | os.PathLike,
     worst moment, for every agent episode saved in `episodes_dir`. Returns the files written."""
     from wmlib.agent import Agent
     from wmlib.data import episode_files, load_episode
-    from wmlib.files import atomic_write
-    from wmlib.viz import agent_video_frame, filmstrip_rows, png_bytes, write_mp4
+    from wmlib.files import atomic_write, write_mp4
+    from wmlib.viz import agent_video_frame, filmstrip_rows, png_bytes
 
     agent = Agent.load(agent_dir)
     written = []
