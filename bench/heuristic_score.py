@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
 
@@ -52,7 +53,8 @@ def main() -> None:
     seeds = range(args.seeds[0], args.seeds[1] + 1)
     start = time.perf_counter()
     returns = []
-    with ProcessPoolExecutor(args.workers) as pool:
+    # spawn, not fork: a worker forked from a process where JAX runs may deadlock
+    with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         for seed, ret, steps in pool.map(episode_return, [args.policy] * len(seeds), seeds):
             print(f"seed {seed:3d}  return {ret:7.1f}  steps {steps:4d}", flush=True)
             returns.append(ret)
