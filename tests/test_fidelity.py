@@ -133,6 +133,50 @@ def test_rank_agreement_is_one_for_identical_rankings():
     assert result["spearman"]["5"] == pytest.approx(-1.0)
 
 
+def test_jerk_events_by_hand():
+    steer = np.zeros(120, np.float32)
+    steer[60:65] = 0.8     # a jerk at 60
+    steer[70:72] = -0.9    # held only 2 steps: not a jerk
+    steer[80:84] = 0.2     # too weak
+    steer[90:95] = -0.5    # a jerk at 90
+    steer[95:99] = -0.5
+    np.testing.assert_array_equal(fidelity.jerk_events(steer, start=50, horizon=10), [60, 90])
+    np.testing.assert_array_equal(fidelity.jerk_events(steer, start=50, horizon=25), [60, 90])
+    np.testing.assert_array_equal(fidelity.jerk_events(steer, start=61, horizon=10), [90])
+
+
+def test_road_readout_recovers_a_linear_map():
+    rng = np.random.default_rng(0)
+    mu = rng.normal(size=(500, 6))
+    w = np.array([0.5, -1.0, 0.0, 0.25, 2.0, 0.0])
+    readout = fidelity.road_readout(mu, mu @ w + 0.3)
+    np.testing.assert_allclose(readout, np.r_[w, 0.3], atol=1e-9)
+    np.testing.assert_allclose(fidelity.read(readout, mu[:3]), mu[:3] @ w + 0.3, atol=1e-9)
+
+
+def test_steering_response_real_curve_by_hand_and_a_dream_blind_to_actions():
+    m, _ = tiny_dream()
+    # An M whose LSTM does not read the action inputs (rows z_dim..z_dim+2 of its input weights) dreams
+    # the same with and without the jerk: its ratio is 0 exactly.
+    blind = eqx.tree_at(lambda m: m.weight, m, m.weight.at[4:7].set(0.0))
+    rng = np.random.default_rng(0)
+    mu = rng.normal(size=(100, 4)).astype(np.float32)
+    actions = np.zeros((100, 3), np.float32)
+    actions[60:70, 0] = -0.7
+    readout = np.array([1.0, 0.0, -2.0, 0.5, 0.1])
+    r = fidelity.steering_response(blind, [{"mu": mu, "actions": actions}], readout, horizon=8, warmup=10,
+                                   samples=4)
+    assert r["events"] == 1
+    reads = mu @ readout[:-1] + readout[-1]
+    np.testing.assert_allclose(r["real"], -(reads[61:69] - reads[60]), rtol=1e-5)
+    np.testing.assert_allclose(r["dream"], r["dream_straight"], rtol=1e-6)
+    assert r["ratio"] == 0.0
+    r = fidelity.steering_response(m, [{"mu": mu, "actions": actions}], readout, horizon=8, warmup=10, samples=4)
+    assert not np.allclose(r["dream"], r["dream_straight"])  # the untouched M does read the wheel
+    with pytest.raises(ValueError, match="no jerk"):
+        fidelity.steering_response(m, [{"mu": mu, "actions": np.zeros_like(actions)}], readout)
+
+
 def short_sample(name: str, policy: str | None = None, steps: int = 130) -> Episode:
     """A sample episode's first `steps` steps (80 after the zoom-in), as driven by `policy`."""
     ep = load_episode(SAMPLE_DIR / name)
@@ -148,6 +192,11 @@ def sample_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("fidelity")
     for name in ("heuristic_000007.npz", "random_000007.npz"):
         save_episode(root / "data" / name, short_sample(name))
+    jerky = short_sample("recovery_000007.npz")  # two jerks of the wheel, at steps 60 and 90
+    steer = jerky.actions[:, 0].copy()
+    steer[60:64], steer[90:94] = 0.9, -0.6
+    save_episode(root / "data" / "recovery_000007.npz",
+                 dataclasses.replace(jerky, actions=np.c_[steer, jerky.actions[:, 1:]].astype(np.float32)))
     encode(root / "data", PRETRAINED_DIR / "vae.eqx", mirror=False)
     np.savez(root / "history.npz", mean=np.random.default_rng(0).normal(0, 0.05, (4, n_params())),
              top=np.zeros((4, 1, n_params())), top_return=np.zeros((4, 1)))
@@ -167,13 +216,15 @@ def test_fidelity_report_writes_json_and_figures(sample_run):
                                       per_driver=1, bend_rollouts=1, progress=False)
     written = json.loads((root / "out" / "fidelity.json").read_text())
     assert written["rank"]["generations"] == [1, 3, 4] and set(written["rank"]["spearman"]) == {"5", "10"}
-    assert set(written["bends"]) == {"heuristic (real)", "random (real)", "controller (real)", "controller (dream)"}
+    assert set(written["bends"]) == {"heuristic (real)", "random (real)", "recovery (real)", "controller (real)",
+                                     "controller (dream)"}
     assert set(written["bends"]["heuristic (real)"]) == {"raw", "recon", "geometry"}
     assert written["bends"]["controller (dream)"]["dream"]["frames"] == 3  # 10 dream steps, every 4th
-    assert written["bend_detector_vs_geometry"]["frames"] == 80
-    assert set(written["reward"]) == {"heuristic", "random", "controller"}
+    assert written["bend_detector_vs_geometry"]["frames"] == 160  # heuristic and recovery, 80 frames each
+    assert set(written["reward"]) == {"heuristic", "random", "recovery", "controller"}
+    assert written["steering"]["events"] == 2 and len(written["steering"]["real"]) == 24
     assert report["reward"] == written["reward"]
-    for name in ("fidelity_rank.png", "fidelity_bends.png", "fidelity_reward.png"):
+    for name in ("fidelity_rank.png", "fidelity_bends.png", "fidelity_reward.png", "fidelity_steering.png"):
         assert (root / "out" / name).stat().st_size > 1000
 
 

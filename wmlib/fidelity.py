@@ -1,8 +1,8 @@
 """Dream fidelity, measured: does M's dream rank controllers as reality does, does its road bend as
 often as the real one, and is its reward calibrated? (DESIGN.md: dream scores describe the dream.)
 
-Three measurements, each a plain function on arrays, and `fidelity_report` that runs them on a run's
-files and writes `fidelity.json` and three figures:
+Four measurements, each a plain function on arrays, and `fidelity_report` that runs them on a run's
+files and writes `fidelity.json` and four figures:
 
 1. Rank agreement. CMA-ES keeps a controller because the dream scores it high; that helps only if the
    dream orders controllers as reality does. Controllers spread over an evolution run (its search
@@ -15,6 +15,12 @@ files and writes `fidelity.json` and three figures:
    controller that never learns to steer.
 3. Reward calibration. M watching a real episode predicts each step's reward; summed over the episode
    that should match the real return, per driver (`reward_calibration`).
+4. Steering response. Does the dream answer the wheel? A linear read-out of V's latent that predicts
+   the heuristic driver's steering (`road_readout`) says where the road goes as V sees it. After the
+   recovery driver's sudden jerks of the wheel (`jerk_events`, steering independent of the frame)
+   that read-out moves in reality; `steering_response` dreams the same steps from M's state at the
+   jerk, once with the real actions and once with the wheel held straight: a dream in which the two
+   barely differ ignores steering, and a controller evolved in it cannot learn to steer.
 """
 
 from __future__ import annotations
@@ -336,6 +342,97 @@ def reward_calibration(episodes: Sequence[Episode], predict: Callable[[Episode],
     return {"drivers": drivers, "curves": curves}
 
 
+# ---- steering response -----------------------------------------------------------------------------
+
+JERK_STEER, JERK_HOLD = 0.3, 3  # a jerk: the wheel jumps to a value held for JERK_HOLD steps, |steer| >= this
+
+
+def road_readout(mu: np.ndarray, steer: np.ndarray) -> np.ndarray:
+    """Least-squares read-out (z_dim + 1,) (weights, then bias) of the steering from V's means: fitted on
+    the heuristic driver, whose steering follows the road, it reads where the road goes."""
+    x = np.concatenate([np.asarray(mu, np.float64), np.ones((len(mu), 1))], axis=1)
+    return np.linalg.lstsq(x, np.asarray(steer, np.float64), rcond=None)[0]
+
+
+def read(readout: np.ndarray, mu: np.ndarray) -> np.ndarray:
+    """The read-out applied to latents (..., z_dim)."""
+    return np.asarray(mu, np.float64) @ readout[:-1] + readout[-1]
+
+
+def jerk_events(steer: np.ndarray, start: int = ZOOM_STEPS, horizon: int = 24) -> np.ndarray:
+    """Steps t >= start where the wheel jumps to a value of |steer| >= JERK_STEER held for JERK_HOLD
+    steps (the recovery driver's mistakes: steering that does not follow the frame), with `horizon`
+    steps after it."""
+    s = np.asarray(steer)
+    t = np.arange(max(start, 1), len(s) - max(horizon, JERK_HOLD))
+    held = np.all([s[t + k] == s[t] for k in range(1, JERK_HOLD)], axis=0)
+    return t[(np.abs(s[t]) >= JERK_STEER) & held & (s[t - 1] != s[t])]
+
+
+@eqx.filter_jit
+def _dream_reads(mdnrnn, z_past: Float[Array, "W z"], a_past: Float[Array, "W-1 3"], actions: Float[Array, "H 3"],
+                 w: Float[Array, "z"], key: jax.Array, samples: int) -> Float[Array, "H"]:
+    """M warmed on the real past (latents z_past, the actions between them), then dreaming with
+    `actions` from the last real latent: the read-out of each dreamed latent, averaged over samples."""
+    from wmlib.mdnrnn import sample_next_z
+
+    state, _ = jax.lax.scan(lambda st, za: (mdnrnn.advance(st, za[0], za[1]), None), mdnrnn.initial_state(),
+                            (z_past[:-1], a_past))
+
+    def one(k):
+        def body(carry, inp):
+            st, z = carry
+            st, out = mdnrnn.step(st, z, inp[0])
+            z = sample_next_z(inp[1], out)
+            return (st, z), z @ w
+        return jax.lax.scan(body, (state, z_past[-1]), (actions, jax.random.split(k, len(actions))))[1]
+
+    return jax.vmap(one)(jax.random.split(key, samples)).mean(axis=0)
+
+
+def steering_response(mdnrnn, episodes: Sequence[dict], readout: np.ndarray, horizon: int = 24, warmup: int = 40,
+                      samples: int = 32, seed: int = 0) -> dict:
+    """How the road read-out moves after each jerk of the wheel, in reality and in M's dream.
+
+    `episodes`: encoded episodes (dicts with "mu" (T+1, z) or (T, z) and "actions" (T, 3)) of a driver
+    that jerks the wheel (`jerk_events`). For each jerk at step t, sign-aligned with the jerk: the real
+    change read(mu[t+k]) - read(mu[t]), k = 1..horizon; the dream's, M warmed on the `warmup` real steps
+    before t and then fed the real actions; and the dream's with the same actions but the wheel held
+    straight (steer 0). Returns {"events", "real", "dream", "dream_straight"} (mean curves, lists of
+    length horizon) and "ratio": the dream's steering effect (dream - dream_straight) over the real
+    effect (real - dream_straight), both averaged over the horizon (1: the dream answers the wheel as
+    reality does, 0: it ignores it).
+    """
+    w = jnp.asarray(readout[:-1], jnp.float32)
+    key = jax.random.PRNGKey(seed)
+    real, dream, straight = [], [], []
+    for ep in episodes:
+        mu, act = np.asarray(ep["mu"], np.float32), np.asarray(ep["actions"], np.float32)
+        reads = read(readout, mu)
+        for t in jerk_events(act[:, 0], start=max(ZOOM_STEPS, warmup), horizon=horizon):
+            if t + horizon >= len(mu):
+                continue
+            sign = np.sign(act[t, 0])
+            fut = act[t:t + horizon]
+            still = fut.copy()
+            still[:, 0] = 0.0
+            key, k = jax.random.split(key)
+            base = reads[t]
+            real.append(sign * (reads[t + 1:t + horizon + 1] - base))
+            args = (jnp.asarray(mu[t - warmup:t + 1]), jnp.asarray(act[t - warmup:t]))
+            for out, a in ((dream, fut), (straight, still)):
+                out.append(sign * (np.asarray(_dream_reads(mdnrnn, *args, jnp.asarray(a), w, k, samples))
+                                   + readout[-1] - base))
+    if not real:
+        raise ValueError("steering_response found no jerk of the wheel in the episodes given (the recovery "
+                         "driver's data have them)")
+    real_c, dream_c, straight_c = (np.mean(x, axis=0) for x in (real, dream, straight))
+    effect = float(np.mean(real_c - straight_c))
+    return {"events": len(real), "real": real_c.tolist(), "dream": dream_c.tolist(),
+            "dream_straight": straight_c.tolist(),
+            "ratio": float(np.mean(dream_c - straight_c)) / effect if effect else float("nan")}
+
+
 # ---- figures ---------------------------------------------------------------------------------------
 
 def rank_figure(rank: dict):
@@ -402,6 +499,40 @@ def reward_figure(calibration: dict):
     return fig
 
 
+def steering_figure(response: dict):
+    """The road read-out after a jerk of the wheel: reality, the dream fed the same actions, and the
+    dream with the wheel held straight."""
+    from wmlib.figures import _plt
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    steps = np.arange(1, len(response["real"]) + 1)
+    ax.plot(steps, response["real"], color="k", lw=2, label="real")
+    ax.plot(steps, response["dream"], color="C1", label="dream, same actions")
+    ax.plot(steps, response["dream_straight"], color="C0", ls="--", label="dream, wheel straight")
+    ax.axhline(0, color="0.7", lw=0.8)
+    ax.set_xlabel("steps after the jerk")
+    ax.set_ylabel("change of the road read-out\n(in the jerk's direction)")
+    ax.set_title(f"steering response over {response['events']} jerks: dream/real {response['ratio']:.2f}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def steering_report(mdnrnn, encoded: dict[str, dict[str, np.ndarray]], episodes: int = 60, seed: int = 0) -> dict:
+    """`steering_response` on a collection's encodings (`data.load_encoded`): the read-out fitted on the
+    track followers' frames after the zoom-in, the jerks taken from up to `episodes` unmirrored
+    recovery episodes."""
+    followers = [e for n, e in encoded.items() if n.split("_")[0] in TRACK_FOLLOWERS]
+    jerky = [e for n, e in sorted(encoded.items()) if n.startswith("recovery_") and "_mirror" not in n][:episodes]
+    if not followers or not jerky:
+        raise ValueError("the steering response needs encoded recovery episodes (they jerk the wheel) and "
+                         f"track followers ({', '.join(TRACK_FOLLOWERS)}); the collection has {sorted(encoded)[:5]}...")
+    readout = road_readout(np.concatenate([e["mu"][ZOOM_STEPS:len(e["actions"])] for e in followers]),
+                           np.concatenate([e["actions"][ZOOM_STEPS:, 0] for e in followers]))
+    return steering_response(mdnrnn, jerky, readout, seed=seed)
+
+
 # ---- the report ------------------------------------------------------------------------------------
 
 def _driver_episodes(data_dir: Path, per_driver: int) -> list[Episode]:
@@ -436,9 +567,10 @@ def fidelity_report(agent_dir: str | os.PathLike, data_dir: str | os.PathLike, e
                     workers: int | None = None, fast: bool = True,
                     real_score: Callable[[np.ndarray, Path | None], np.ndarray] | None = None,
                     per_driver: int = 4, bend_rollouts: int = 8, seed: int = 0, progress: bool = True) -> dict:
-    """All three measurements for an agent folder (V, M), a collection encoded by that V, and an
+    """All four measurements for an agent folder (V, M), a collection encoded by that V, and an
     evolution run in that M's dream (`cfg`: its dream settings: tau, start, road_starts); writes
-    OUT_DIR/fidelity.json and fidelity_rank.png, fidelity_bends.png, fidelity_reward.png.
+    OUT_DIR/fidelity.json and fidelity_rank.png, fidelity_bends.png, fidelity_reward.png,
+    fidelity_steering.png.
 
     Real episodes: `real_episodes` per controller on selection-range seeds from `real_seed`
     (`real_scorer`, or `real_score(vec, save_dir)` given), the last controller's kept for the bend
@@ -500,11 +632,14 @@ def fidelity_report(agent_dir: str | os.PathLike, data_dir: str | os.PathLike, e
         tqdm(drivers + own, desc="reward calibration", unit="ep", disable=not progress),
         lambda ep: predict_along_episode(vae, mdnrnn, ep)["reward_pred"])
 
+    steering = steering_report(mdnrnn, encoded, seed=seed)
+
     report = {"agent": str(agent_dir), "data": str(data_dir), "evolve": str(evolve_dir),
               "dream": dataclasses.asdict(cfg), "rank": rank, "bends": bend, "bend_detector_vs_geometry": check,
-              "reward": calibration["drivers"]}
+              "reward": calibration["drivers"], "steering": steering}
     write_json(out / "fidelity.json", report)
     save(rank_figure(rank), out / "fidelity_rank.png")
     save(bend_figure(bend), out / "fidelity_bends.png")
     save(reward_figure(calibration), out / "fidelity_reward.png")
+    save(steering_figure(steering), out / "fidelity_steering.png")
     return report
