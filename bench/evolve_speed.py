@@ -50,7 +50,8 @@ def main() -> None:
         outside = 1 - np.mean([r["fitness_s"] for r in records]) / wall
         print(f"{optimizer}: {wall:.2f} s per generation ({args.popsize} x {args.repeats} x {args.steps} dream steps), "
               f"{outside:.1%} outside the fitness call, device {jax.devices()[0]}")
-        results.append({"seconds_per_generation": round(float(wall), 3), "outside_fitness_share": round(float(outside), 4),
+        results.append({"seconds_per_generation": round(float(wall), 3),
+                        "outside_fitness_share": round(float(outside), 4),
                         "optimizer": optimizer})
     for r in results:
         print(json.dumps(r))

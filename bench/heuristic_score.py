@@ -32,7 +32,7 @@ def episode_return(policy_name: str, seed: int) -> tuple[int, float, int]:
     obs, _ = env.reset(seed=seed)
     policy.reset(np.random.default_rng(seed))
     total, steps = 0.0, 0
-    for steps in range(1, MAX_STEPS + 1):
+    for steps in range(1, MAX_STEPS + 1):  # noqa: B007 (read after the loop)
         obs, reward, terminated, truncated, _ = env.step(policy.act(obs, env))
         total += reward
         if terminated or truncated:

@@ -57,7 +57,8 @@ def test_collect_bad_input_is_one_clear_line(tmp_path):
 def test_train_rnn_fine_tune_bad_input_names_the_file(tmp_path):
     args = ["train-rnn", "--data", SAMPLE_DIR, "--vae", PRETRAINED_DIR / "vae.eqx", "--out", tmp_path / "m"]
     proc = wm(*args, "--init", PRETRAINED_DIR / "vae.eqx", check=False)
-    assert proc.returncode == 2 and f"{PRETRAINED_DIR / 'vae.eqx'} holds a vae checkpoint, expected a mdnrnn" in proc.stderr
+    assert (proc.returncode == 2
+            and f"{PRETRAINED_DIR / 'vae.eqx'} holds a vae checkpoint, expected a mdnrnn" in proc.stderr)
     other_v = tmp_path / "other_vae.eqx"
     other_v.write_bytes((PRETRAINED_DIR / "vae.eqx").read_bytes() + b"\0")  # another file: another V id
     proc = wm("train-rnn", "--data", SAMPLE_DIR, "--vae", other_v, "--out", tmp_path / "m",

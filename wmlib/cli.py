@@ -342,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("figures", help="render the lessons' key figures from an agent (default: the shipped one)")
     p.add_argument("--agent", default=str(PRETRAINED_DIR), help="agent folder with V, M, C, their logs and eval.json")
     p.add_argument("--data", default=str(SAMPLE_DIR), help="collection of episodes to picture (one per policy)")
-    p.add_argument("--out", default=str(PROJECT_ROOT / "docs" / "figures"), help="folder for the PNGs (default: docs/figures)")
+    p.add_argument("--out", default=str(PROJECT_ROOT / "docs" / "figures"),
+                   help="folder for the PNGs (default: docs/figures)")
     p.add_argument("--seed", type=int, default=0, help="env seed of the real episode in the sim2real figures")
     p.set_defaults(func=cmd_figures)
 

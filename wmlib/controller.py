@@ -37,7 +37,7 @@ class Controller(eqx.Module):
     """Linear controller for ONE step: `controller(z, h) -> (3,)` squashed action."""
 
     weight: Float[Array, "3 in"]
-    bias: Float[Array, "3"]
+    bias: Float[Array, " 3"]
     z_dim: int = eqx.field(static=True)
     hidden: int = eqx.field(static=True)
 
@@ -48,16 +48,16 @@ class Controller(eqx.Module):
         self.weight = jnp.zeros(shape) if key is None else 0.1 * jax.random.normal(key, shape)
         self.bias = jnp.zeros(ACTION_DIM)
 
-    def __call__(self, z: Float[Array, "z_dim"], h: Float[Array, "hidden"]) -> Float[Array, "3"]:
+    def __call__(self, z: Float[Array, " z_dim"], h: Float[Array, " hidden"]) -> Float[Array, " 3"]:
         return squash(self.weight @ jnp.concatenate([z, h]) + self.bias)
 
 
-def to_flat(c: Controller) -> Float[Array, "n"]:
+def to_flat(c: Controller) -> Float[Array, " n"]:
     """Controller -> flat vector [W row-major, b] of length `n_params(z_dim, hidden)`."""
     return jnp.concatenate([c.weight.reshape(-1), c.bias])
 
 
-def from_flat(vec: Float[Array, "n"], z_dim: int = 32, hidden: int = 256) -> Controller:
+def from_flat(vec: Float[Array, " n"], z_dim: int = 32, hidden: int = 256) -> Controller:
     """Flat vector [W row-major, b] -> Controller (works under jit and vmap)."""
     n = n_params(z_dim, hidden)
     if vec.shape != (n,):

@@ -27,7 +27,8 @@ and keeps it to the end: each dream is a slightly different world (Dropout's Dre
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import equinox as eqx
 import gymnasium as gym
@@ -55,8 +56,8 @@ class StartBank(eqx.Module):
     mu: Float[Array, "F z_dim"]
     logvar: Float[Array, "F z_dim"]
     action: Float[Array, "F action_dim"]
-    episode_start: Int[Array, "F"]
-    starts: Int[Array, "N"]
+    episode_start: Int[Array, " F"]
+    starts: Int[Array, " N"]
     warmup: int = eqx.field(static=True)
 
 
@@ -121,13 +122,13 @@ class DreamParams(eqx.Module):
 class DreamState(eqx.Module):
     """One dream episode's state: the current latent, M's LSTM state, the step count and end flags."""
 
-    z: Float[Array, "z_dim"]
-    h: Float[Array, "hidden"]
-    c: Float[Array, "hidden"]
+    z: Float[Array, " z_dim"]
+    h: Float[Array, " hidden"]
+    c: Float[Array, " hidden"]
     t: Int[Array, ""]
     done: Bool[Array, ""]         # the episode is over (M's done head, or max_steps reached)
     terminated: Bool[Array, ""]   # M's done head ended it
-    mask: tuple[Float[Array, "in"], Float[Array, "hidden"]]  # this dream's dropout mask on M (ones: none)
+    mask: tuple[Float[Array, " in"], Float[Array, " hidden"]]  # this dream's dropout mask on M (ones: none)
 
 
 def reset(key: jax.Array, params: DreamParams) -> DreamState:
@@ -173,13 +174,13 @@ def road_starts(offroad: np.ndarray, ahead: int = 20) -> np.ndarray:
     return ok
 
 
-def observation(state: DreamState) -> Float[Array, "obs"]:
+def observation(state: DreamState) -> Float[Array, " obs"]:
     """C's input [z_t, h_t]."""
     return jnp.concatenate([state.z, state.h])
 
 
-def step(key: jax.Array, state: DreamState, action: Float[Array, "action_dim"], params: DreamParams
-         ) -> tuple[DreamState, Float[Array, "obs"], Float[Array, ""], Bool[Array, ""]]:
+def step(key: jax.Array, state: DreamState, action: Float[Array, " action_dim"], params: DreamParams
+         ) -> tuple[DreamState, Float[Array, " obs"], Float[Array, ""], Bool[Array, ""]]:
     """One dream step -> (state, obs [z_{t+1}, h_{t+1}], reward r_t, done). A done state stays as it is
     and earns 0."""
     (h, c), out = params.mdnrnn.step((state.h, state.c), state.z, action, state.mask)
@@ -195,8 +196,8 @@ class Trajectory(NamedTuple):
     """A dream rollout step by step (time axis first): the latent C saw, its action, reward, done."""
     z: Float[Array, "T z_dim"]
     action: Float[Array, "T action_dim"]
-    reward: Float[Array, "T"]
-    done: Bool[Array, "T"]
+    reward: Float[Array, " T"]
+    done: Bool[Array, " T"]
 
 
 def _rollout(key, controller: Controller, params: DreamParams, steps: int, trace: bool):
@@ -262,13 +263,13 @@ class DreamDrive(NamedTuple):
     """A driven dream, step by step: latents z_0..z_T (T+1), actions, M's reward and done probability."""
     z: Float[Array, "T1 z_dim"]
     action: Float[Array, "T action_dim"]
-    reward: Float[Array, "T"]
-    done_prob: Float[Array, "T"]
+    reward: Float[Array, " T"]
+    done_prob: Float[Array, " T"]
 
 
 @eqx.filter_jit
 def drive(key: jax.Array, state: DreamState, mdnrnn: MDNRNN, tau: Float[Array, ""],
-          manual: Float[Array, "T action_dim"], use_controller: Bool[Array, "T"],
+          manual: Float[Array, "T action_dim"], use_controller: Bool[Array, " T"],
           controller: Controller) -> DreamDrive:
     """Dream T steps from `state`; at step t the action is C's (where use_controller[t]) or manual[t].
 

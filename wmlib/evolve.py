@@ -26,7 +26,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -210,7 +210,8 @@ def evolve(fitness: Callable[[jax.Array, np.ndarray], np.ndarray], n_params: int
             arrays = {k: z[k] for k in z.files}
         if str(arrays.pop("optimizer")) != cfg.optimizer:
             raise ValueError(f"{state_path} was written by a different optimizer; use a new run folder")
-        start, best_params, best_return = int(arrays.pop("generation")), arrays.pop("best_params"), float(arrays.pop("best_return"))
+        start, best_params = int(arrays.pop("generation")), arrays.pop("best_params")
+        best_return = float(arrays.pop("best_return"))
         es.restore(arrays, keys)
     records = [r for r in read_jsonl(metrics_path) if r.get("stage") == stage and r["generation"] <= start]
     frames_used = sum(r.get("real_frames", 0) for r in records)
@@ -239,7 +240,8 @@ def evolve(fitness: Callable[[jax.Array, np.ndarray], np.ndarray], n_params: int
                 np.savez(f, **{k: np.stack(v) for k, v in hist.items()})
             if mean_returns[i] > best_return:
                 best_return, best_params = float(mean_returns[i]), solutions[i].copy()
-                save_controller(run_dir / "controller.eqx", from_flat(jnp.asarray(best_params, jnp.float32), z_dim, hidden),
+                save_controller(run_dir / "controller.eqx",
+                                from_flat(jnp.asarray(best_params, jnp.float32), z_dim, hidden),
                                 extra={"generation": g + 1, "dream_return": best_return, "optimizer": cfg.optimizer})
             record = {"stage": stage, "generation": g + 1, "best": float(mean_returns[i]),
                       "mean": float(mean_returns.mean()), "std": float(mean_returns.std()),

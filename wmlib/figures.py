@@ -316,7 +316,8 @@ def render_all(out_dir: str | os.PathLike, agent_dir: str | os.PathLike, data_di
     put("05_worst_moment.png", picture(filmstrip_rows([panels["frame"], panels["recon"], panels["dream"]],
                                                       t - 40, t + 40, n=9),
                                        f"env seed {seed}, around step {t}: real / V / M's prediction"))
-    put("05_reward_prediction.png", reward_prediction(real.rewards, real.dones, predict_along_episode(vae, mdnrnn, real),
+    put("05_reward_prediction.png", reward_prediction(real.rewards, real.dones,
+                                                      predict_along_episode(vae, mdnrnn, real),
                                                       f"env seed {seed}: return {real.total_reward:.1f}"))
     put("05_track.png", tracks([real]))
     return written

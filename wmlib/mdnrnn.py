@@ -30,7 +30,8 @@ from __future__ import annotations
 import functools
 import math
 import os
-from typing import Iterable, Mapping, NamedTuple
+from collections.abc import Iterable, Mapping
+from typing import NamedTuple
 
 import equinox as eqx
 import jax
@@ -46,8 +47,8 @@ from wmlib.train import fit, make_step
 
 LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
-LSTMState = tuple[Float[Array, "hidden"], Float[Array, "hidden"]]
-DropoutMask = tuple[Float[Array, "in"], Float[Array, "hidden"]]  # on [z, a] and on h
+LSTMState = tuple[Float[Array, " hidden"], Float[Array, " hidden"]]
+DropoutMask = tuple[Float[Array, " in"], Float[Array, " hidden"]]  # on [z, a] and on h
 
 
 def dropout_mask(key: jax.Array, rate: float | Float[Array, ""], n_in: int, hidden: int) -> DropoutMask:
@@ -71,9 +72,9 @@ class MDNRNN(eqx.Module):
     """LSTM + per-dimension MDN head + reward and done heads, for ONE sequence (batch with vmap)."""
 
     weight: Float[Array, "in_plus_h 4h"]
-    bias: Float[Array, "4h"]
+    bias: Float[Array, " 4h"]
     head_weight: Float[Array, "hidden out"]
-    head_bias: Float[Array, "out"]
+    head_bias: Float[Array, " out"]
     z_dim: int = eqx.field(static=True)
     action_dim: int = eqx.field(static=True)
     hidden: int = eqx.field(static=True)
@@ -93,19 +94,19 @@ class MDNRNN(eqx.Module):
         """The zero LSTM state (h, c)."""
         return jnp.zeros(self.hidden), jnp.zeros(self.hidden)
 
-    def _cell(self, gates: Float[Array, "4h"], c: Float[Array, "hidden"]) -> LSTMState:
+    def _cell(self, gates: Float[Array, " 4h"], c: Float[Array, " hidden"]) -> LSTMState:
         i, f, g, o = jnp.split(gates, 4)
         c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
         return jax.nn.sigmoid(o) * jnp.tanh(c), c
 
-    def heads(self, h: Float[Array, "hidden"]) -> MDNOutputs:
+    def heads(self, h: Float[Array, " hidden"]) -> MDNOutputs:
         """New hidden state h_{t+1} -> predictions for z_{t+1}, r_t and done_t."""
         out = h @ self.head_weight + self.head_bias
         n = self.z_dim * self.n_mix
         mdn = out[:3 * n].reshape(3, self.z_dim, self.n_mix)
         return MDNOutputs(mdn[0], mdn[1], mdn[2], out[3 * n], out[3 * n + 1])
 
-    def advance(self, state: LSTMState, z: Float[Array, "z_dim"], a: Float[Array, "action_dim"],
+    def advance(self, state: LSTMState, z: Float[Array, " z_dim"], a: Float[Array, " action_dim"],
                 mask: DropoutMask | None = None) -> LSTMState:
         """The LSTM update alone: (h_t, c_t), z_t, a_t -> (h_{t+1}, c_{t+1}); `mask`: dropout."""
         h, c = state
@@ -114,7 +115,7 @@ class MDNRNN(eqx.Module):
             x, h = x * mask[0], h * mask[1]
         return self._cell(jnp.concatenate([x, h]) @ self.weight + self.bias, c)
 
-    def step(self, state: LSTMState, z: Float[Array, "z_dim"], a: Float[Array, "action_dim"],
+    def step(self, state: LSTMState, z: Float[Array, " z_dim"], a: Float[Array, " action_dim"],
              mask: DropoutMask | None = None) -> tuple[LSTMState, MDNOutputs]:
         """One step: (h_t, c_t), z_t, a_t -> (h_{t+1}, c_{t+1}), predictions."""
         state = self.advance(state, z, a, mask)
@@ -194,8 +195,8 @@ def mdnrnn_loss(model: MDNRNN, z_seq: Float[Array, "B T z_dim"], a_seq: Float[Ar
     Reward targets below `reward_floor` are raised to it (the -100 of leaving the map would otherwise
     dominate the squared error; the done head carries that event). In the done BCE the rare positive
     targets weigh `done_pos_weight` times (so the head fires on them at all). `masks` (B, in) and
-    (B, hidden): one dropout mask per sequence. `z_mask` (default `mask`) marks the steps whose next latent exists: the last step of an episode
-    has a reward and a done target but no next frame.
+    (B, hidden): one dropout mask per sequence. `z_mask` (default `mask`) marks the steps whose next
+    latent exists: the last step of an episode has a reward and a done target but no next frame.
     """
     out = jax.vmap(lambda z, a, m: model.forward_sequence(z, a, None, m))(z_seq, a_seq, masks)
     nll = _masked_mean(-jnp.mean(mdn_log_prob(out, z_next), axis=-1), mask if z_mask is None else z_mask)
@@ -367,7 +368,7 @@ def fit_toy_mdn(x: np.ndarray, y: np.ndarray, n_mix: int = 5, steps: int = 2000,
     step = make_step(loss_fn, optimizer)
     batch = (jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
     losses = []
-    for i in range(steps):
+    for _ in range(steps):
         model, opt_state, loss, _ = step(model, opt_state, batch, None)
         losses.append(float(loss))
     return model, losses

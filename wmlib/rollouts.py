@@ -16,7 +16,8 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -302,7 +303,8 @@ def collect(policy: str, episodes: int, out: str | os.PathLike, seed: int = 0, w
             failures.append(f"episode seed {spec[0].seed}: {type(error).__name__}: {error}")
     manifest = write_manifest(out)
     if failures:
-        raise RuntimeError(f"{len(failures)} episode(s) failed (the others are saved in {out}):\n" + "\n".join(failures))
+        raise RuntimeError(f"{len(failures)} episode(s) failed (the others are saved in {out}):\n"
+                           + "\n".join(failures))
     return manifest
 
 

@@ -227,7 +227,7 @@ def _batched(fn, x: Array, event_dims: int) -> Array:
 class Conv2d(eqx.Module):
     """Stride-2 VALID convolution + bias; (..., H, W, Cin) -> (..., Ho, Wo, Cout), Ho = (H - k) // 2 + 1."""
     weight: Float[Array, "k k Cin Cout"]
-    bias: Float[Array, "Cout"]
+    bias: Float[Array, " Cout"]
 
     def __init__(self, key: jax.Array, cin: int, cout: int, k: int):
         wkey, bkey = jax.random.split(key)
@@ -241,7 +241,7 @@ class Conv2d(eqx.Module):
 class ConvTranspose2d(eqx.Module):
     """Stride-2 VALID transposed convolution + bias; (..., H, W, Cin) -> (..., 2(H-1)+k, 2(W-1)+k, Cout)."""
     weight: Float[Array, "Cin k k Cout"]
-    bias: Float[Array, "Cout"]
+    bias: Float[Array, " Cout"]
 
     def __init__(self, key: jax.Array, cin: int, cout: int, k: int):
         wkey, bkey = jax.random.split(key)
@@ -255,7 +255,7 @@ class ConvTranspose2d(eqx.Module):
 class Linear(eqx.Module):
     """x @ W + b with W stored (in, out), so a batch is one matrix product; (..., in) -> (..., out)."""
     weight: Float[Array, "fan_in fan_out"]
-    bias: Float[Array, "fan_out"]
+    bias: Float[Array, " fan_out"]
 
     def __init__(self, key: jax.Array, fan_in: int, fan_out: int):
         wkey, bkey = jax.random.split(key)
@@ -460,7 +460,7 @@ def _in_batches(fn, vae: ConvVAE, inputs: np.ndarray, batch: int):
         chunk = inputs[start:start + size]
         n = len(chunk)
         chunk = np.concatenate([chunk, np.zeros((size - n, *inputs.shape[1:]), inputs.dtype)])
-        outs.append(jax.tree.map(lambda a: np.asarray(a)[:n], fn(vae, jnp.asarray(chunk))))
+        outs.append(jax.tree.map(lambda a, n=n: np.asarray(a)[:n], fn(vae, jnp.asarray(chunk))))
     return jax.tree.map(lambda *parts: np.concatenate(parts), *outs)
 
 
