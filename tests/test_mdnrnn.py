@@ -247,3 +247,20 @@ def test_dropout_masks_and_their_use(model):
         mus.append(o.mu)
     np.testing.assert_allclose(out.mu, np.stack(mus), rtol=1e-5, atol=1e-6)
     assert not np.allclose(out.mu, model.forward_sequence(zs, acts).mu)  # the mask did something
+
+
+def test_sample_toy_mdn_temperature_narrows_and_widens_the_samples():
+    from wmlib.mdnrnn import ToyMDN, sample_toy_mdn
+
+    model = ToyMDN(jax.random.PRNGKey(0), n_mix=3)
+    xs = np.zeros(4000, np.float32)  # one input: every spread below is the mixture's own
+    out = model(jnp.zeros(()))
+    pi = np.asarray(jax.nn.softmax(out.logits[0]))
+    mu = np.asarray(out.mu[0])
+    key = jax.random.PRNGKey(1)
+    cold, warm = sample_toy_mdn(model, xs, key, tau=0.01), sample_toy_mdn(model, xs, key, tau=1.0)
+    # tau -> 0: the most likely component's mean, almost no noise; tau = 1: the mixture's own moments
+    np.testing.assert_allclose(np.median(cold), mu[np.argmax(pi)], atol=0.1 * np.exp(out.log_sigma[0]).max())
+    var = np.sum(pi * (np.exp(2 * np.asarray(out.log_sigma[0])) + mu ** 2)) - np.sum(pi * mu) ** 2
+    np.testing.assert_allclose(warm.std(), np.sqrt(var), rtol=0.06)
+    assert cold.std() < 0.5 * warm.std()

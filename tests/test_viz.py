@@ -62,3 +62,37 @@ def test_kl_per_dim_matches_closed_form():
     logvar = np.array([[0.0, np.log(4.0)], [0.0, np.log(4.0)]])
     # KL(N(m, s^2) || N(0, 1)) = (s^2 + m^2 - 1 - log s^2) / 2: dim 0 -> 0; dim 1 -> (4 + 1 - 1 - log 4) / 2
     np.testing.assert_allclose(viz.kl_per_dim(mu, logvar), [0.0, (4 - np.log(4)) / 2])
+
+
+def red_pixels(image: np.ndarray) -> np.ndarray:
+    """(N, 2) (row, column) of the pixels drawn in the marker's pure red."""
+    r, g, b = (image[..., i].astype(int) for i in range(3))
+    return np.argwhere((r > 200) & (g < 60) & (b < 60))
+
+
+def test_line_strip_marker_moves_with_t_at_the_right_x():
+    series = {"a": np.linspace(0, 1, 21), "b": np.zeros(21)}
+    cols = []
+    for t in (1, 11, 21):  # x runs from start=1: the first, middle and last point
+        image = viz.line_strip(series, t, xlabel="generation", start=1)
+        red = red_pixels(image)
+        assert len(red) > 50  # a vertical line, not a stray pixel
+        cols.append(red[:, 1].mean())
+    assert cols[0] < cols[1] < cols[2]
+    assert abs((cols[1] - cols[0]) - (cols[2] - cols[1])) < 2  # evenly spaced: x is linear in t
+    with pytest.raises(IndexError):
+        viz.line_strip(series, 22, start=1)  # past the last point: no value to put in the title
+
+
+def test_track_map_puts_the_dot_on_the_road_where_the_car_is():
+    angles = np.linspace(0, 2 * np.pi, 200, endpoint=False)
+    track = 100 * np.stack([np.cos(angles), np.sin(angles)], axis=1)  # a round track, centre (0, 0)
+    car_xy = np.array([[100.0, 0.0], [0.0, 100.0], [0.0, -160.0]])  # east and north on the road; south, off it
+    maps = [viz.track_map(track, car_xy, t, size=200) for t in range(3)]
+    grey = np.argwhere((maps[0] == 170).all(axis=-1))
+    centre = grey.mean(axis=0)  # the ring's centre, in pixels (row, column)
+    ring = np.linalg.norm(grey - centre, axis=1).mean()  # its radius: 100 world units
+    for image, (x, y) in zip(maps, car_xy):
+        dot = red_pixels(image).mean(axis=0) - centre
+        # north is up: a world y is minus a row; the dot sits at the car's distance and bearing
+        np.testing.assert_allclose(dot, np.array([-y, x]) * ring / 100, atol=1.5)

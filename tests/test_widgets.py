@@ -9,6 +9,7 @@ import pytest
 
 from wmlib import viz, widgets
 from wmlib.controller import Controller
+from wmlib.data import Episode
 from wmlib.mdnrnn import MDNRNN
 
 Z = 4
@@ -101,11 +102,61 @@ def test_real_vs_dream_uses_the_real_actions(mdnrnn, episode):
     assert near_end["reward"].shape == (5,)  # clipped at the episode's end
 
 
-def test_episode_scrubber(episode):
+def test_episode_scrubber_frames_map_reward_and_actions(episode):
     T = 12
     panels = {k: episode["frames"][:T] for k in ("frame", "recon", "dream")}
     panels["reward_pred"] = np.linspace(0, 1, T)
-    w = widgets.EpisodeScrubber(panels, rewards=np.zeros(T))
+    angles = np.linspace(0, 2 * np.pi, 50, endpoint=False)
+    track = 100 * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    ep = Episode(frames=episode["frames"][:T], actions=episode["actions"][:T], rewards=np.zeros(T, np.float32),
+                 terminated=False, truncated=True, policy="controller", seed=0, info={"car_xy": track[:T]})
+    w = widgets.EpisodeScrubber(panels, ep, track)
     before, plot_before = w.image.value, w.plot.value
     w.step.value = 6
     assert w.image.value != before and w.plot.value != plot_before
+    frames = w.render_frames()
+    np.testing.assert_array_equal(frames[:, :192], viz.upscale(episode["frames"][6], 3))  # the real frame first
+    np.testing.assert_array_equal(frames[:, -192:], viz.track_map(track, track[:T], 6, size=192))  # the map last
+
+
+def test_real_dream_player_start_and_step(mdnrnn, episode):
+    panels = {"frame": episode["frames"], "recon": episode["frames"][::-1], "z": episode["mu"]}
+    w = widgets.RealDreamPlayer(mdnrnn, decode, panels, episode["actions"], steps=10)
+    assert (w.start.max, w.step.max) == (29, 10)  # a whole dream fits before the episode's last frame
+    first = w.image.value
+    w.start.value = 20
+    at_20 = w.render()
+    assert w.image.value != first
+    dream = viz.real_vs_dream(mdnrnn, decode, episode["mu"], episode["actions"], 20, 10, w.key)
+    w.step.value = 7
+    np.testing.assert_array_equal(w.render(), viz.panel_row(
+        [episode["frames"][27], episode["frames"][::-1][27], dream["frames"][7]]))  # same actions, same dream
+    assert not np.array_equal(w.render(), at_20)
+
+
+def test_mdn_temperature_redraws_at_each_tau():
+    x = np.linspace(-1, 1, 50)
+    xs = np.linspace(-1, 1, 30)
+    w = widgets.MDNTemperature(x, x**3, xs, sample=lambda tau: np.sqrt(tau) * np.sin(7 * xs))
+    at_1 = w.image.value
+    w.tau.value = 0.3
+    assert w.image.value != at_1
+    w.tau.value = 1.0
+    assert w.image.value == at_1  # the same tau, the same picture
+
+
+def test_generation_browser_follows_the_slider():
+    rng = np.random.default_rng(0)
+    hist = {"mean": rng.normal(size=(5, 3)), "top_return": np.sort(rng.normal(size=(5, 4)))[:, ::-1]}
+    seen = []
+
+    def dream(flat):  # a "dream" whose frames are as bright as the first parameter is high
+        seen.append(flat)
+        return np.full((20, 8, 8, 3), 1 / (1 + np.exp(-flat[0]))), float(flat.sum())
+
+    w = widgets.GenerationBrowser(hist, dream, n_frames=4)
+    assert w.generation.value == 5 and f"{hist['mean'][4].sum():.1f}" in w.info.value  # the last generation first
+    strip, plot = w.image.value, w.plot.value
+    w.generation.value = 2
+    np.testing.assert_array_equal(seen[-1], hist["mean"][1])  # generation 2 is the mean after its update
+    assert w.image.value != strip and w.plot.value != plot

@@ -372,3 +372,11 @@ def fit_toy_mdn(x: np.ndarray, y: np.ndarray, n_mix: int = 5, steps: int = 2000,
         model, opt_state, loss, _ = step(model, opt_state, batch, None)
         losses.append(float(loss))
     return model, losses
+
+
+def sample_toy_mdn(model: ToyMDN, xs: np.ndarray, key: jax.Array, tau: float = 1.0) -> np.ndarray:
+    """One y for every x in `xs` (N,) from the fitted toy, at temperature tau as M dreams
+    (`sample_next_z`: logits / tau, sigma * sqrt(tau)) -> (N,)."""
+    out = jax.vmap(model)(jnp.asarray(xs, jnp.float32))
+    ys = jax.vmap(lambda k, o: sample_next_z(k, o, tau))(jax.random.split(key, len(xs)), out)
+    return np.asarray(ys)[:, 0]

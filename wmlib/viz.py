@@ -151,17 +151,70 @@ def fig_to_array(fig) -> np.ndarray:
     return image
 
 
-def reward_strip(real: np.ndarray, predicted: np.ndarray, t: int, width: float = 6.0) -> np.ndarray:
-    """A small plot of real vs predicted reward over an episode with a marker at step t (RGB array)."""
-    import matplotlib.pyplot as plt
+MARKER = (1.0, 0.0, 0.0)  # pure red: the "you are here" marker of the strips and the map
 
-    fig, ax = plt.subplots(figsize=(width, 1.6), dpi=80)
-    ax.plot(real, lw=1, label="real reward")
-    ax.plot(predicted, lw=1, label="M's predicted reward")
-    ax.axvline(t, color="k", lw=1)
-    ax.set_xlim(0, max(len(real) - 1, 1))
+
+def line_strip(series: dict[str, np.ndarray], t: int, xlabel: str = "step", start: int = 0,
+               width: float = 6.0) -> np.ndarray:
+    """Curves over x = start, start+1, ... with a red marker at x = t and every curve's value there in
+    the title (RGB array): rewards along an episode, C's actions, returns over generations."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(width, 1.9), dpi=80)
+    for label, values in series.items():
+        ax.plot(np.arange(start, start + len(values)), values, lw=1, label=label)
+    ax.axvline(t, color=MARKER, lw=1.5, zorder=3)  # above the frame, so it shows at either end too
+    n = max(len(v) for v in series.values())
+    ax.set_xlim(start, start + max(n - 1, 1))
+    ax.set_title(f"{xlabel} {t}: " + ", ".join(f"{k} {v[t - start]:.2f}" for k, v in series.items()), fontsize=8)
+    ax.set_xlabel(xlabel, fontsize=7, labelpad=1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=7, loc="upper right")
     ax.tick_params(labelsize=7)
+    fig.tight_layout(pad=0.3)
+    return fig_to_array(fig)
+
+
+def track_map(track: np.ndarray, car_xy: np.ndarray, t: int, size: int = 192, margin: int = 6) -> np.ndarray:
+    """A map, north up: the road (grey, `env.TRACK_HALF_WIDTH` either side of the centre line `track`
+    (N, 2), world units), the car's path up to step t (blue) and a red dot where the car is at step t
+    (`car_xy` (T, 2), as episodes record it in `info["car_xy"]`). (size, size, 3) uint8."""
+    import cv2
+
+    from wmlib.env import TRACK_HALF_WIDTH
+
+    track, car_xy = np.asarray(track, np.float64), np.asarray(car_xy, np.float64)
+    points = np.vstack([track, car_xy])
+    lo, hi = points.min(0) - TRACK_HALF_WIDTH, points.max(0) + TRACK_HALF_WIDTH
+    scale = (size - 2 * margin) / max(hi - lo)
+    offset = (size - (hi - lo) * scale) / 2  # centred in both directions
+
+    def pixels(xy):  # world (x, y) -> integer (column, row), rows growing downwards
+        col = offset[0] + (xy[:, 0] - lo[0]) * scale
+        row = size - (offset[1] + (xy[:, 1] - lo[1]) * scale)
+        return np.round(np.stack([col, row], axis=-1)).astype(np.int32)
+
+    image = np.full((size, size, 3), 255, np.uint8)
+    cv2.polylines(image, [pixels(track)], True, (170, 170, 170), max(1, round(2 * TRACK_HALF_WIDTH * scale)),
+                  cv2.LINE_AA)
+    cv2.polylines(image, [pixels(car_xy[:t + 1])], False, (40, 90, 200), 1, cv2.LINE_AA)
+    cv2.circle(image, tuple(int(v) for v in pixels(car_xy[t:t + 1])[0]), 4, tuple(255 * c for c in MARKER), -1)
+    return image
+
+
+def mdn_samples(x: np.ndarray, y: np.ndarray, xs: np.ndarray, ys: np.ndarray, title: str = "") -> np.ndarray:
+    """Data points (x, y) and a model's samples ys at inputs xs, one scatter plot (RGB array): the
+    1-D mixture density toy of lesson 03."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4), dpi=80)
+    ax.scatter(x, y, s=2, alpha=0.3, label="data")
+    ax.scatter(xs, ys, s=2, alpha=0.3, label="samples from the model")
+    ax.set_ylim(np.min(y) - 0.5, np.max(y) + 0.5)  # fixed, so that pictures at several tau compare
+    ax.set_xlabel("x"); ax.set_ylabel("y")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     return fig_to_array(fig)
 

@@ -171,24 +171,123 @@ class DreamPlayer(W.VBox):
         self._caption()
 
 
-class EpisodeScrubber(W.VBox):
-    """Step through a recorded episode: frame | V's reconstruction | M's prediction, and below it the
-    real reward beside the reward M predicted, with a marker at the current step ("step" slider)."""
+class MDNTemperature(W.VBox):
+    """The 1-D mixture density toy sampled at the temperature set by the "tau" slider: the data and one
+    sample per input in one plot. `sample(tau) -> ys` at the inputs `xs` (same random numbers at every
+    tau, so only the temperature changes the picture)."""
 
-    def __init__(self, panels: dict[str, np.ndarray], rewards: np.ndarray, scale: int = 3):
-        self.panels, self.rewards, self.scale = panels, rewards, scale
-        self.step = W.IntSlider(0, 0, len(rewards) - 1, description="step")
+    def __init__(self, x: np.ndarray, y: np.ndarray, xs: np.ndarray, sample):
+        self.x, self.y, self.xs, self.sample = x, y, xs, sample
+        self.tau = W.FloatSlider(1.0, min=0.05, max=2.0, step=0.05, description="tau")
+        self.image = _image(self.render())
+        self.tau.observe(lambda _: self.update(), "value")
+        super().__init__([self.tau, self.image])
+
+    def render(self) -> np.ndarray:
+        tau = self.tau.value
+        return viz.mdn_samples(self.x, self.y, self.xs, self.sample(tau), f"samples at tau = {tau:.2f}")
+
+    def update(self) -> None:
+        self.image.value = viz.png_bytes(self.render())
+
+
+class GenerationBrowser(W.VBox):
+    """Step through a CMA-ES run (`evolve.history`) with the "generation" slider: the dream returns of
+    each generation's best candidates with a marker at the chosen one, and that generation's search
+    mean driving in the dream. `dream(flat_params) -> (frames (T, 64, 64, 3), dream return)`."""
+
+    def __init__(self, history: dict[str, np.ndarray], dream, n_frames: int = 10):
+        self.history, self.dream, self.n_frames = history, dream, n_frames
+        G = len(history["mean"])
+        self.generation = W.IntSlider(G, 1, G, description="generation")
+        strip, plot, caption = self.render()
+        self.image, self.plot, self.info = _image(strip), _image(plot), W.Label(caption)
+        self.generation.observe(lambda _: self.update(), "value")
+        super().__init__([self.generation, self.info, self.image, self.plot])
+
+    def render(self) -> tuple[np.ndarray, np.ndarray, str]:
+        """(the search mean's dream filmstrip, the returns plot, the caption) at the chosen generation."""
+        g, top = self.generation.value, self.history["top_return"]
+        frames, ret = self.dream(self.history["mean"][g - 1])
+        plot = viz.line_strip({"best candidate": top[:, 0], f"{top.shape[1]}th best": top[:, -1]}, g,
+                              xlabel="generation", start=1)
+        return viz.filmstrip(frames, n=self.n_frames), plot, \
+            f"the search mean after generation {g}, driving in the dream: return {ret:.1f}"
+
+    def update(self) -> None:
+        strip, plot, self.info.value = self.render()
+        self.image.value, self.plot.value = viz.png_bytes(strip), viz.png_bytes(plot)
+
+
+class RealDreamPlayer(W.VBox):
+    """M dreams from a real frame of a recorded episode, fed the episode's REAL actions
+    (`viz.real_vs_dream`): real frame | V's reconstruction | M's dream, side by side. "start" is the
+    frame where the dream leaves reality, "step" (and play) the steps since then.
+
+    `panels`: `evaluate.episode_panels` of the episode (frame, recon, z); `actions` (T, 3) its actions.
+    """
+
+    def __init__(self, mdnrnn, decode, panels: dict[str, np.ndarray], actions: np.ndarray, steps: int = 60,
+                 seed: int = 0, scale: int = 3, interval_ms: int = 150):
+        import jax
+
+        self.mdnrnn, self.decode, self.panels, self.actions, self.scale = mdnrnn, decode, panels, actions, scale
+        self.key = jax.random.PRNGKey(seed)
+        self.steps = min(steps, len(actions) - 1)
+        self.start = W.IntSlider(0, 0, len(actions) - 1 - self.steps, description="start")
+        self.play = W.Play(value=0, min=0, max=self.steps, step=1, interval=interval_ms, description="play")
+        self.step = W.IntSlider(0, 0, self.steps, description="step")
+        W.jslink((self.play, "value"), (self.step, "value"))
+        self.redream(draw=False)
+        self.image = _image(self.render())
+        self.start.observe(lambda _: self.redream(), "value")
+        self.step.observe(lambda _: self.update(), "value")
+        super().__init__([W.HBox([self.play, self.step, self.start]),
+                          W.Label("real frame | what V sees | M's dream, fed the real actions"), self.image])
+
+    def redream(self, draw: bool = True) -> None:
+        self.dream = viz.real_vs_dream(self.mdnrnn, self.decode, self.panels["z"], self.actions, self.start.value,
+                                       self.steps, self.key)
+        if draw:
+            self.update()
+
+    def render(self) -> np.ndarray:
+        s = self.step.value
+        t = self.start.value + s
+        return viz.panel_row([self.panels["frame"][t], self.panels["recon"][t], self.dream["frames"][s]], self.scale)
+
+    def update(self) -> None:
+        self.image.value = viz.png_bytes(self.render())
+
+
+class EpisodeScrubber(W.VBox):
+    """Step through a recorded episode ("step" slider): frame | V's reconstruction | M's prediction |
+    the car on the track map, and below it the real reward beside the reward M predicted and C's
+    steer, gas and brake, with a marker at the current step.
+
+    `panels`: `evaluate.episode_panels` of `episode`; `track`: its centre line (`env.track_of_seed`).
+    """
+
+    def __init__(self, panels: dict[str, np.ndarray], episode, track: np.ndarray, scale: int = 3):
+        self.panels, self.episode, self.track, self.scale = panels, episode, track, scale
+        self.step = W.IntSlider(0, 0, len(episode) - 1, description="step")
         self.image = _image(self.render_frames())
         self.plot = _image(self.render_plot())
         self.step.observe(lambda _: self.update(), "value")
-        super().__init__([self.step, W.Label("real frame | what V sees | what M predicted"), self.image, self.plot])
+        super().__init__([self.step, W.Label("real frame | what V sees | what M predicted | where the car is"),
+                          self.image, self.plot])
 
     def render_frames(self) -> np.ndarray:
         t = self.step.value
-        return viz.panel_row([self.panels["frame"][t], self.panels["recon"][t], self.panels["dream"][t]], self.scale)
+        frames = viz.panel_row([self.panels["frame"][t], self.panels["recon"][t], self.panels["dream"][t]], self.scale)
+        return viz.hstack([frames, viz.track_map(self.track, self.episode.info["car_xy"], t, size=64 * self.scale)],
+                          pad=4)
 
     def render_plot(self) -> np.ndarray:
-        return viz.reward_strip(self.rewards, self.panels["reward_pred"], self.step.value)
+        t, ep = self.step.value, self.episode
+        rewards = viz.line_strip({"real reward": ep.rewards, "M's predicted reward": self.panels["reward_pred"]}, t)
+        actions = viz.line_strip({name: ep.actions[:, i] for i, name in enumerate(("steer", "gas", "brake"))}, t)
+        return viz.vstack([rewards, actions])
 
     def update(self) -> None:
         self.image.value = viz.png_bytes(self.render_frames())
