@@ -10,8 +10,9 @@ from __future__ import annotations
 import io
 import json
 import os
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
 
 import equinox as eqx
 
@@ -19,6 +20,7 @@ from wmlib import __version__
 from wmlib.files import atomic_write
 
 FORMAT = 1
+ModuleT = TypeVar("ModuleT")  # a module, or a pytree of modules and arrays (a training state)
 MAGIC = "wmlib-checkpoint"
 
 
@@ -26,7 +28,7 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, foreign, of the wrong kind, or from an incompatible version."""
 
 
-def save(path: str | os.PathLike, module: eqx.Module, kind: str, hyper: dict, extra: dict | None = None) -> Path:
+def save(path: str | os.PathLike, module: Any, kind: str, hyper: dict, extra: dict | None = None) -> Path:
     """Atomically write `module` with a JSON header. `hyper` rebuilds the skeleton; `extra` is free."""
     header = {"magic": MAGIC, "format": FORMAT, "version": __version__, "kind": kind,
               "hyper": hyper, "extra": extra or {}}
@@ -57,7 +59,7 @@ def read_header(path: str | os.PathLike) -> dict:
     return header
 
 
-def load(path: str | os.PathLike, kind: str, build: Callable[[dict], eqx.Module]) -> tuple[eqx.Module, dict]:
+def load(path: str | os.PathLike, kind: str, build: Callable[[dict], ModuleT]) -> tuple[ModuleT, dict]:
     """Load a checkpoint of `kind`; `build(hyper)` makes a module of the right structure to fill."""
     header = read_header(path)
     if header["kind"] != kind:

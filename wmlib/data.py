@@ -97,7 +97,7 @@ def save_episode(path: str | os.PathLike, ep: Episode) -> Path:
             f, format=np.int64(EPISODE_FORMAT), frames=ep.frames, actions=ep.actions.astype(np.float32),
             rewards=ep.rewards.astype(np.float32), terminated=np.bool_(ep.terminated),
             truncated=np.bool_(ep.truncated), policy=np.str_(ep.policy), seed=np.int64(ep.seed),
-            mirrored=np.bool_(ep.mirrored), **arrays)
+            mirrored=np.bool_(ep.mirrored), **arrays)  # type: ignore[arg-type]  # numpy stubs: **arrays read as allow_pickle
     return Path(path)
 
 
@@ -195,7 +195,8 @@ class FrameSampler:
             raise EpisodeError("no episodes to sample frames from (the collection is empty)")
         self.files, self.batch_size, self.seed, self.mirror = list(files), batch_size, seed, mirror
         self.buffer_episodes, self.block_batches = min(buffer_episodes, len(files)), block_batches
-        self._block, self._buffer = None, []
+        self._block: int | None = None
+        self._buffer: list[np.ndarray] = []
 
     def _load_block(self, block: int) -> list[np.ndarray]:
         if block != self._block:
@@ -309,7 +310,8 @@ class SequenceSampler:
         self.episodes, self.seq_len, self.batch_size, self.seed = episodes, seq_len, batch_size, seed
         n_windows = sum(-(-len(e["mu"]) // seq_len) for e in episodes)
         self.batches_per_epoch = max(1, n_windows // batch_size)
-        self._epoch, self._windows = None, None
+        self._epoch: int | None = None
+        self._windows = np.zeros((0, 2), np.int64)
 
     def _epoch_windows(self, epoch: int) -> np.ndarray:
         if epoch != self._epoch:

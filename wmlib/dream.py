@@ -141,6 +141,7 @@ def reset(key: jax.Array, params: DreamParams) -> DreamState:
         z = jnp.zeros(m.z_dim)
     else:
         b = params.bank
+        assert b is not None, f"a dream that starts {params.start!r} needs a StartBank"
         kidx, kz, kw = jax.random.split(key, 3)
         s = b.starts[jax.random.randint(kidx, (), 0, b.starts.shape[0])]
         z = b.mu[s] + jnp.exp(0.5 * b.logvar[s]) * jax.random.normal(kz, (m.z_dim,))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 os.environ.setdefault("SDL_VIDEODRIVER", "dummy")  # pygame draws off-screen; no display needed
 
@@ -66,7 +67,7 @@ def track_of_seed(seed: int) -> np.ndarray:
     """The centre line (N, 2) of the track that env seed `seed` generates (the real track, no driving)."""
     env = make_env()
     env.reset(seed=seed)
-    track = np.array([(x, y) for _, _, x, y in env.unwrapped.track], np.float32)
+    track = np.array([(x, y) for _, _, x, y in env.unwrapped.track], np.float32)  # type: ignore[attr-defined]
     env.close()
     return track
 
@@ -156,7 +157,8 @@ def _covers_window(cos: float, sin: float, zoom: float, translation) -> bool:
 
 def _rows(surface: pygame.Surface) -> np.ndarray:
     """A (height, pitch) uint8 view of a surface's pixels; it locks the surface while alive."""
-    return np.frombuffer(surface.get_buffer(), np.uint8).reshape(surface.get_height(), -1)
+    buffer = surface.get_buffer()  # a BufferProxy: it has the buffer protocol, pygame's stubs do not say so
+    return np.frombuffer(buffer, np.uint8).reshape(surface.get_height(), -1)  # type: ignore[call-overload]
 
 
 class CarRacingFast(CarRacing):
@@ -172,6 +174,11 @@ class CarRacingFast(CarRacing):
     - the score font is loaded once.
     `self.surf` after a state_pixels/rgb_array frame holds only the bar rows of the flipped frame.
     """
+
+    # stock CarRacing starts these as None (so a type checker reads them as always None)
+    surf: Any
+    screen: Any
+    clock: Any
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -233,8 +240,8 @@ class CarRacingFast(CarRacing):
         zoom = 0.1 * SCALE * max(1 - self.t, 0) + ZOOM * SCALE * min(self.t, 1)
         scroll_x = -(self.car.hull.position[0]) * zoom
         scroll_y = -(self.car.hull.position[1]) * zoom
-        trans = pygame.math.Vector2((scroll_x, scroll_y)).rotate_rad(angle)
-        trans = (WINDOW_W / 2 + trans[0], WINDOW_H / 4 + trans[1])
+        rotated = pygame.math.Vector2((scroll_x, scroll_y)).rotate_rad(angle)
+        trans = (WINDOW_W / 2 + rotated[0], WINDOW_H / 4 + rotated[1])
 
         self._render_road(zoom, trans, angle)
         self._draw_car(zoom, trans, angle, draw_particles=mode != "state_pixels")

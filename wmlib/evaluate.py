@@ -69,7 +69,8 @@ def evaluate(agent_dir: str | os.PathLike, episodes: int, seed: int = 0, workers
     workers = workers or default_workers()
     specs = [EpisodeSpec("controller", seed + i, max_steps, fast, kwargs, keep_raw) for i in range(episodes)]
     items = [(block, str(save_dir) if save_dir else None) for block in split_blocks(specs, batch, workers)]
-    scores, failed, frames = {}, [], 0
+    scores: dict[int, float] = {}
+    failed, frames = [], 0
     for (block, _), result, error in parallel_map(_drive_block, items, workers, desc="evaluate", unit="block",
                                                   frames_of=_block_frames, progress=progress):
         if error is None:

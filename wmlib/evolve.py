@@ -66,10 +66,10 @@ class PycmaES:
              "CMA_mirrors": 0})
         self.history: list[np.ndarray] = []  # losses told, one (P,) array per generation
 
-    def ask(self, key: jax.Array) -> np.ndarray:
+    def ask(self, key: jax.Array | None) -> np.ndarray:
         return np.asarray(self.es.ask(), np.float64)
 
-    def tell(self, key: jax.Array, solutions: np.ndarray, losses: np.ndarray) -> None:
+    def tell(self, key: jax.Array | None, solutions: np.ndarray, losses: np.ndarray) -> None:
         self.es.tell(list(solutions), list(losses))
         self.history.append(np.asarray(losses, np.float64))
 
@@ -95,10 +95,10 @@ class EvosaxES:
     def __init__(self, x0: np.ndarray, sigma0: float, popsize: int, seed: int):
         from evosax.algorithms import CMA_ES
 
-        x0 = jnp.asarray(x0, jnp.float32)
-        self.es = CMA_ES(population_size=popsize, solution=x0)
+        mean0 = jnp.asarray(x0, jnp.float32)
+        self.es = CMA_ES(population_size=popsize, solution=mean0)
         self.params = self.es.default_params.replace(std_init=jnp.asarray(sigma0, jnp.float32))
-        self.state = self.es.init(jax.random.PRNGKey(seed), x0, self.params)
+        self.state = self.es.init(jax.random.PRNGKey(seed), mean0, self.params)
 
     def ask(self, key: jax.Array) -> np.ndarray:
         x, self.state = self.es.ask(key, self.state, self.params)
@@ -237,7 +237,7 @@ def evolve(fitness: Callable[[jax.Array, np.ndarray], np.ndarray], n_params: int
             for k, v in (("mean", es.mean), ("top", solutions[order]), ("top_return", mean_returns[order])):
                 hist[k] = hist[k][:g] + [np.asarray(v, np.float64)]
             with atomic_write(run_dir / HISTORY_FILE) as f:
-                np.savez(f, **{k: np.stack(v) for k, v in hist.items()})
+                np.savez(f, **{k: np.stack(v) for k, v in hist.items()})  # type: ignore[arg-type]  # numpy stubs: **arrays read as allow_pickle
             if mean_returns[i] > best_return:
                 best_return, best_params = float(mean_returns[i]), solutions[i].copy()
                 save_controller(run_dir / "controller.eqx",
@@ -246,10 +246,10 @@ def evolve(fitness: Callable[[jax.Array, np.ndarray], np.ndarray], n_params: int
             record = {"stage": stage, "generation": g + 1, "best": float(mean_returns[i]),
                       "mean": float(mean_returns.mean()), "std": float(mean_returns.std()),
                       "best_so_far": best_return, "sigma": es.sigma, "fitness_s": fit_s}
-            if getattr(fitness, "frames", None) is not None:
-                record["real_frames"] = fitness.frames  # real environment frames this generation used
+            if (real_frames := getattr(fitness, "frames", None)) is not None:
+                record["real_frames"] = real_frames  # real environment frames this generation used
                 record["real_frames_saved"] = getattr(fitness, "frames_saved", 0)  # by early termination
-                frames_used += fitness.frames
+                frames_used += real_frames
             if real_score is not None and cfg.real_every and (g + 1) % cfg.real_every == 0:
                 real = real_score(best_params)
                 record.update(real_mean=real["mean"], real_std=real["std"], real_episodes=len(real["scores"]),

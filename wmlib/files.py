@@ -96,6 +96,8 @@ def write_mp4(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: int = 
            "-an", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "25", tmp]  # crf 25: imageio's quality 5
     # stderr is inherited, as imageio-ffmpeg does: at this log level ffmpeg prints only its errors
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, process_group=0)
+    stdin = proc.stdin
+    assert stdin is not None
     try:
         try:
             for frame in itertools.chain([first], frames):
@@ -103,10 +105,10 @@ def write_mp4(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: int = 
                 if frame.shape != first.shape or frame.dtype != np.uint8:
                     raise ValueError(f"write_mp4({path}): frame of {frame.dtype} {frame.shape} among "
                                      f"uint8 {first.shape} frames")
-                proc.stdin.write(np.ascontiguousarray(frame).tobytes())
+                stdin.write(np.ascontiguousarray(frame).tobytes())
         except BrokenPipeError:
             pass  # ffmpeg stopped early; its exit status and message say why
-        proc.stdin.close()
+        stdin.close()
         if proc.wait() != 0:
             raise RuntimeError(f"write_mp4({path}): ffmpeg failed with exit status {proc.returncode} "
                                "(its message is above)")

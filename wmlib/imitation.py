@@ -125,7 +125,7 @@ def imitation_bound(agent_dir: str | os.PathLike, heuristic_episodes: list, out:
         controller = eqx.tree_at(lambda c: (c.weight, c.bias), controller,
                                  (jnp.asarray(W, jnp.float32), jnp.asarray(b, jnp.float32)))
         save_controller(out / "controller.eqx", controller, extra={"imitation_round": r})
-        entry = {"round": r, "labels": int(sum(len(t) for t in targets))}
+        entry: dict[str, float] = {"round": r, "labels": int(sum(len(t) for t in targets))}
         if r < rounds:
             params = np.concatenate([W.reshape(-1), b]).tolist()
             items = [(str(out), params, seed + 1000 * r + i, max_steps) for i in range(episodes_per_round)]

@@ -56,7 +56,8 @@ def dropout_mask(key: jax.Array, rate: float | Float[Array, ""], n_in: int, hidd
     probability `rate`, else 1 / (1 - rate); all ones when rate is 0."""
     k_in, k_h = jax.random.split(key)
     keep = 1.0 - rate
-    return tuple(jax.random.bernoulli(k, keep, (n,)) / keep for k, n in ((k_in, n_in), (k_h, hidden)))
+    m_in, m_h = (jax.random.bernoulli(k, keep, (n,)) / keep for k, n in ((k_in, n_in), (k_h, hidden)))
+    return m_in, m_h
 
 
 class MDNOutputs(NamedTuple):
@@ -209,7 +210,7 @@ def mdnrnn_loss(model: MDNRNN, z_seq: Float[Array, "B T z_dim"], a_seq: Float[Ar
     return loss, {"nll": nll, "reward_loss": reward_loss, "done_loss": done_loss}
 
 
-Batch = Mapping[str, Array]
+Batch = Mapping[str, Array | np.ndarray]
 """A batch of B episode windows of T steps, as `data.SequenceSampler.batch` makes it (a dict):
 mu, logvar (B, T+1, z_dim): V's posterior of frames t..t+T; action (B, T, action_dim): the action
 taken at each of the first T frames; reward, done (B, T): what followed each action; mask (B, T+1):

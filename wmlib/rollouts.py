@@ -60,7 +60,11 @@ class _EpisodeRecord:
 
     def __init__(self, spec: EpisodeSpec, env):
         self.spec, self.env = spec, env
-        self.frames, self.actions, self.rewards, self.car_xy, self.raw = [], [], [], [], []
+        self.frames: list[np.ndarray] = []
+        self.actions: list[np.ndarray] = []
+        self.rewards: list[float] = []
+        self.car_xy: list[tuple[float, float]] = []
+        self.raw: list[np.ndarray] = []
         self.terminated = self.truncated = False
         self.obs, _ = env.reset(seed=spec.seed)
         self.frame = preprocess(self.obs)
@@ -116,6 +120,8 @@ def run_agent_episodes(specs: list[EpisodeSpec]) -> list[Episode]:
         raise ValueError(f"run_agent_episodes drives episodes of policy 'controller' with one agent folder and "
                          f"z_mode; got (policy, agent, z_mode) = {sorted(shared, key=str)}")
     _, folder, z_mode = shared.pop()
+    if folder is None:
+        raise ValueError("run_agent_episodes: the specs name no agent folder (policy_kwargs['agent'])")
     agent = AgentBatch.load(folder, [s.policy_kwargs.get("controller_params") for s in specs],
                             [np.random.default_rng(s.seed) for s in specs], z_mode)
     records = [_EpisodeRecord(s, make_env(fast=s.fast)) for s in specs]
@@ -186,7 +192,7 @@ def _connect_ray(address: str | None) -> None:
                                   "`ray start --head` on that machine or check the address") from None
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 **({} if address else {"num_cpus": default_workers()}))
+                 num_cpus=None if address else default_workers())
     except ConnectionError as e:
         raise ConnectionError(f"cannot reach a Ray cluster at {address!r}: {e}") from None
 

@@ -17,7 +17,7 @@ import os
 import time
 from pathlib import Path
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import equinox as eqx
 import jax
@@ -27,6 +27,9 @@ from tqdm.auto import tqdm
 
 from wmlib import checkpoint
 from wmlib.files import append_jsonl, atomic_write, read_jsonl
+
+
+ModelT = TypeVar("ModelT", bound=eqx.Module)
 
 
 class TrainingDiverged(RuntimeError):
@@ -52,11 +55,11 @@ def _train_state_path(run_dir: Path, name: str) -> Path:
     return run_dir / f"{name}.train.eqx"
 
 
-def fit(model: eqx.Module, optimizer: optax.GradientTransformation, loss_fn: Callable,
+def fit(model: ModelT, optimizer: optax.GradientTransformation, loss_fn: Callable,
         batch_fn: Callable[[int], Any], steps: int, run_dir: str | os.PathLike, *, name: str, hyper: dict,
-        kind: str | None = None, seed: int = 0, evaluate: Callable[[eqx.Module], dict] | None = None,
+        kind: str | None = None, seed: int = 0, evaluate: Callable[[ModelT], dict] | None = None,
         eval_every: int = 500, log_every: int = 10, extra: dict | None = None, progress: bool = True,
-        step_fn: Callable | None = None) -> eqx.Module:
+        step_fn: Callable | None = None) -> ModelT:
     """Train `model` for `steps` steps (resuming from `run_dir` if a previous run stopped early).
 
     `name` names the stage: its files (NAME.eqx, NAME.train.eqx), its metrics records and, unless
@@ -114,9 +117,9 @@ def fit(model: eqx.Module, optimizer: optax.GradientTransformation, loss_fn: Cal
             pending = []
             for j, value in enumerate(losses):
                 if not math.isfinite(value):
-                    kept = (f"the last good checkpoint {run_dir / (name + '.eqx')} (step {last_good}) is kept"
-                            if last_good else "no checkpoint was written yet")
-                    raise TrainingDiverged(f"{name}: loss became {value} at step {first + j}; stopped, {kept}. "
+                    kept_file = (f"the last good checkpoint {run_dir / (name + '.eqx')} (step {last_good}) is kept"
+                                 if last_good else "no checkpoint was written yet")
+                    raise TrainingDiverged(f"{name}: loss became {value} at step {first + j}; stopped, {kept_file}. "
                                            "Try a lower learning rate.")
             bar.set_postfix(loss=f"{losses[-1]:.4g}")
             if log:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import os
 
 import equinox as eqx
@@ -87,8 +88,9 @@ def _col2im(z: Float[Array, "N Ho Wo kkC"], k: int, h: int, w: int) -> Float[Arr
     z = jnp.pad(z, ((0, 0),) * 3 + ((0, 2 * ka - k),) * 2 + ((0, 0),))
     z = z.reshape(n, ho, wo, ka, 2, ka, 2, c).transpose(0, 1, 2, 3, 5, 4, 6, 7).reshape(n, ho, wo, ka, ka, 4 * c)
     hs, ws = ho + ka - 1, wo + ka - 1
-    s2d = sum(jnp.pad(z[:, :, :, a, b], ((0, 0), (a, hs - ho - a), (b, ws - wo - b), (0, 0)))
-              for a in range(ka) for b in range(ka))
+    s2d = functools.reduce(operator.add, (jnp.pad(z[:, :, :, a, b],
+                                                  ((0, 0), (a, hs - ho - a), (b, ws - wo - b), (0, 0)))
+                                          for a in range(ka) for b in range(ka)))
     x = s2d.reshape(n, hs, ws, 2, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * hs, 2 * ws, c)
     x = x[:, :h, :w]
     return jnp.pad(x, ((0, 0), (0, h - x.shape[1]), (0, w - x.shape[2]), (0, 0)))
