@@ -104,6 +104,28 @@ def test_evolve_in_the_real_environment_resumes(tmp_path):
     assert resumed["best_return"] >= first["best_return"]
 
 
+def test_tau_sweep_writes_the_table_and_resumes(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for path in episode_files(SAMPLE_DIR)[:2]:
+        (data / path.name).write_bytes(path.read_bytes())
+    wm("encode", "--data", data, "--vae", PRETRAINED_DIR / "vae.eqx")
+    args = ["tau-sweep", "--agent", PRETRAINED_DIR, "--data", data, "--out", tmp_path / "sweep", "--taus", "0.5,1.3",
+            "--generations", 1, "--popsize", 4, "--repeats", 1, "--episodes", 2, "--max-steps", 20, "--workers", 1]
+    first = last_json(wm(*args))
+    table = json.loads((tmp_path / "sweep" / "tau_sweep.json").read_text())
+    assert table["tau"] == first["tau"] == [0.5, 1.3]
+    assert [len(s) for s in table["scores"]] == [2, 2] and table["episodes"] == 2 and table["max_steps"] == 20
+    np.testing.assert_allclose(np.mean(table["scores"], axis=1), table["real_mean"])
+    assert all(np.isfinite(table["dream_mean"])) and all(s > 0 for s in table["dream_std"])
+    again = last_json(wm(*args))
+    assert again == first  # resumed: the evolutions are done, the same C is scored on the same tracks
+    for tau in ("0.5", "1.3"):
+        lines = (tmp_path / "sweep" / f"tau_{tau}" / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == 1  # one generation each, not rerun
+    assert "--taus must be positive" in wm(*args[:-2], "--taus", "0,1", check=False).stderr
+
+
 def test_pipeline_smoke_runs_every_stage_and_resumes(tmp_path):
     proc = wm("pipeline", "--preset", "smoke", "--run", tmp_path, "--workers", 2)
     assert "real mean +- std" in proc.stdout and "iter_1" in proc.stdout

@@ -227,7 +227,23 @@ def cmd_fidelity(args) -> None:
                       "bend": {name: {kind: v if kind == "geometry" else v["bend"] for kind, v in parts.items()}
                                for name, parts in bends.items()},
                       "road_seen": {name: {kind: v["road_seen"] for kind, v in parts.items() if kind != "geometry"}
-                                    for name, parts in bends.items()}}))
+                                    for name, parts in bends.items()},
+                      "steering_response_dream_over_real": report["steering"]["ratio"]}))
+
+
+def cmd_tau_sweep(args) -> None:
+    import dataclasses
+
+    from wmlib.pipeline import temperature_sweep
+
+    taus = [float(t) for t in args.taus.split(",")]
+    if min(taus) <= 0:
+        raise ValueError(f"--taus must be positive temperatures, got {args.taus!r}")
+    cfg = dataclasses.replace(_preset(args).evolve, **{k: v for k, v in {
+        "generations": args.generations, "popsize": args.popsize, "repeats": args.repeats}.items() if v})
+    result = temperature_sweep(Path(args.agent), Path(args.data), Path(args.out), cfg, taus, args.episodes,
+                               seed=args.seed, max_steps=args.max_steps, workers=args.workers, fast=not args.stock)
+    print(json.dumps({k: result[k] for k in ("tau", "dream_mean", "real_mean", "real_std")}))
 
 
 def backend_args(p) -> None:
@@ -375,6 +391,22 @@ def build_parser() -> argparse.ArgumentParser:
     preset_arg(p)
     env_args(p)
     p.set_defaults(func=cmd_fidelity)
+
+    p = sub.add_parser("tau-sweep", help="the paper's temperature experiment: evolve C in the dream at each tau, "
+                                         "score it in the dream and in reality")
+    p.add_argument("--agent", required=True, help="folder with the vae.eqx and mdnrnn.eqx to dream in")
+    p.add_argument("--data", required=True, help="collection encoded by that V (dream starts)")
+    p.add_argument("--out", required=True, help="folder for one evolution per tau and tau_sweep.json")
+    p.add_argument("--taus", default="0.5,1.0,1.15,1.3", help="temperatures, comma-separated")
+    p.add_argument("--generations", type=_positive_int, default=None, help="generations per evolution (default: preset)")
+    p.add_argument("--popsize", type=_positive_int, default=None, help="CMA-ES population (default: preset)")
+    p.add_argument("--repeats", type=_positive_int, default=None, help="dreams per candidate (default: preset)")
+    p.add_argument("--episodes", type=_positive_int, default=32, help="real episodes per tau")
+    p.add_argument("--seed", type=int, default=0, help="real episode i runs on env seed SEED+i (default 0, test range)")
+    p.add_argument("--max-steps", type=_positive_int, default=1000, help="steps per real episode")
+    preset_arg(p)
+    env_args(p)
+    p.set_defaults(func=cmd_tau_sweep)
 
     p = sub.add_parser("export", help="copy a pipeline run's final agent and its logs into a folder (data/pretrained)")
     p.add_argument("--run", required=True, help="pipeline run folder")

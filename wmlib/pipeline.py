@@ -17,12 +17,14 @@ and a run refuses to start when one falls outside its range).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import time
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -220,6 +222,48 @@ def evolve_in_real(agent_dir: Path, out: Path, cfg, max_steps: int = 1000, x0=No
     fitness = RealFitness(agent_dir, cfg.repeats, max_steps, workers, fast, batch, patience)
     return evolve(fitness, n_params(mdnrnn.z_dim, mdnrnn.hidden), cfg, out, z_dim=mdnrnn.z_dim,
                   hidden=mdnrnn.hidden, x0=x0, stage="evolve")
+
+
+TAU_SWEEP_FILE = "tau_sweep.json"
+
+
+def temperature_sweep(agent_dir: Path, data_dir: Path, out: Path, cfg, taus, episodes: int, seed: int = 0,
+                      max_steps: int = 1000, dream_rollouts: int = 64, workers: int | None = None,
+                      fast: bool = True) -> dict:
+    """The paper's temperature experiment (its Table 2, Doom) on this agent's V and M: at each tau a C
+    is evolved in the dream from scratch (`evolve_in_dream` with `cfg` at that tau, into OUT/tau_T), the
+    final search mean is scored in `dream_rollouts` dreams at that tau and on `episodes` real episodes
+    (env seeds seed.., at most `max_steps` steps: this reports, it chooses nothing). The C is the dream's own choice, with no
+    real selection, so the table shows what the temperature alone does. Resumable: an evolution that
+    finished is not rerun. Writes and returns OUT/tau_sweep.json: {"tau", "dream_mean", "dream_std",
+    "real_mean", "real_std", "scores", "episodes", "seed", "evolve"}.
+    """
+    from wmlib.dream import population_returns
+    from wmlib.evaluate import evaluate
+    from wmlib.evolve import history
+    from wmlib.mdnrnn import load_mdnrnn
+
+    vae_id = vae_id_of(agent_dir / "vae.eqx")
+    mdnrnn, _ = load_mdnrnn(agent_dir / "mdnrnn.eqx")
+    encoded = load_encoded(data_dir, vae_id)
+    rows = {"tau": [], "dream_mean": [], "dream_std": [], "real_mean": [], "real_std": [], "scores": []}
+    for tau in taus:
+        c = dataclasses.replace(cfg, tau=float(tau), select_candidates=0, real_every=0)
+        run = out / f"tau_{tau:g}"
+        evolve_in_dream(agent_dir, data_dir, vae_id, run, c)
+        x = history(run)["mean"][-1]
+        dream = np.asarray(population_returns(jax.random.PRNGKey(seed), jnp.asarray(x, jnp.float32)[None],
+                                              dream_params(mdnrnn, encoded, c), dream_rollouts, c.episode_len))[0]
+        real = evaluate(agent_dir, episodes, seed=seed, workers=workers, max_steps=max_steps, fast=fast,
+                        controller_params=x, progress=False)
+        for k, v in (("tau", float(tau)), ("dream_mean", float(dream.mean())), ("dream_std", float(dream.std())),
+                     ("real_mean", real["mean"]), ("real_std", real["std"]), ("scores", real["scores"])):
+            rows[k].append(v)
+        print(f"tau {tau:g}: dream {dream.mean():.1f} +- {dream.std():.1f}, real {real['mean']:.1f} +- "
+              f"{real['std']:.1f} ({episodes} episodes)", flush=True)
+    result = {**rows, "episodes": episodes, "seed": seed, "max_steps": max_steps, "evolve": dataclasses.asdict(cfg)}
+    write_json(out / TAU_SWEEP_FILE, result)
+    return result
 
 
 def evaluate_agent(agent_dir: Path, preset: Preset, out: Path, workers: int | None, fast: bool) -> dict:
