@@ -199,7 +199,7 @@ class GenerationBrowser(W.VBox):
     def __init__(self, history: dict[str, np.ndarray], dream, n_frames: int = 10):
         self.history, self.dream, self.n_frames = history, dream, n_frames
         G = len(history["mean"])
-        self.generation = W.IntSlider(G, 1, G, description="generation")
+        self.generation = W.IntSlider(1, 1, G, description="generation")
         strip, plot, caption = self.render()
         self.image, self.plot, self.info = _image(strip), _image(plot), W.Label(caption)
         self.generation.observe(lambda _: self.update(), "value")
