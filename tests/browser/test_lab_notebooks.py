@@ -14,14 +14,22 @@ around the control that holds one. The first matching widget in the notebook is 
 - 01_data_collection: at least one matplotlib figure.
 - 02_vae, the latent scrubber (`wmlib.widgets.LatentScrubber`): FloatSliders described "z[<dim>] ...";
   dragging the first one changes the decoded image; a Button "random z" changes it again.
-- 03_mdnrnn, the dream player (`wmlib.widgets.DreamPlayer`): one widget box holding an ipywidgets.Play,
-  the dream image, and sliders described "step" (the time step, jslinked to the Play), "tau" and
-  "steer". Pressing play must change the image at least twice; then, paused at a step > 0, moving
-  "tau" must change the image; and after moving "steer", the image three steps ahead (step slider,
-  ArrowRight x3) must differ from the image three steps ahead without steering.
-- 04_dream_evolution and 05_sim2real: at least one matplotlib figure each (an image/png output, i.e.
-  `plt.show()` under the inline backend), and an episode scrubber (`wmlib.widgets.EpisodeScrubber`):
-  the first slider described "step" must change its image when dragged and again on ArrowRight x3.
+- 03_mdnrnn, the MDN toy's temperature (`wmlib.widgets.MDNTemperature`, section 1): the first slider
+  described "tau" must change its image. The dream player (`wmlib.widgets.DreamPlayer`): one widget
+  box holding an ipywidgets.Play, the dream image, and sliders described "step" (the time step,
+  jslinked to the Play), "tau" and "steer". Pressing play must change the image at least twice;
+  then, paused at a step > 0, moving "tau" must change the image; and after moving "steer", the image
+  three steps ahead (step slider, ArrowRight x3) must differ from the image three steps ahead
+  without steering.
+- 04_dream_evolution: at least one matplotlib figure (an image/png output, i.e. `plt.show()` under
+  the inline backend); the dream player's "step" slider (the first one) must change its image when
+  dragged and again on ArrowRight x3; the CMA-ES generation browser (`wmlib.widgets.GenerationBrowser`):
+  the slider described "generation" (ArrowRight x3) must change both its images (filmstrip and plot).
+- 05_sim2real: at least one matplotlib figure; the episode scrubber (`wmlib.widgets.EpisodeScrubber`):
+  the first slider described "step" must change both its images (frames with the map; rewards and
+  actions) when dragged and again on ArrowRight x3; the real-vs-dream player
+  (`wmlib.widgets.RealDreamPlayer`): dragging "start" must change its image, and so must its own
+  "step" slider (ArrowRight x3).
 
 Run: `uv run pytest tests/browser` (about 20 s per notebook beyond its own run time; screenshots and
 the server log go to tests/artifacts/browser/). Leave them out with `-m "not browser"` or
@@ -58,14 +66,21 @@ def run_notebook(lab, name: str) -> None:
 
 
 def check_slider_changes_image(lab, description, how: str = "drag") -> bytes:
-    """Move the slider described `description`; its image must change and nothing may raise."""
+    """Move the slider described `description`; every image in its widget box must change (a plot
+    under the frames too) and nothing may raise. Returns the first image as shown in the end."""
     slider = lab.slider(description)
     slider.scroll_into_view_if_needed()
-    img = lab.image_near(slider)
+    box, img = lab.widget_box(slider)
+    others = box.locator("img").all()[1:]
     move = (lambda: lab.drag_slider(slider)) if how == "drag" else (lambda: lab.nudge_slider(slider))
     value = lab.slider_value(slider)
-    return lab.expect_image_change(img, move, f"moving the slider {slider_label(slider)!r} from "
-                                              f"{value} ({how})")
+    what = f"moving the slider {slider_label(slider)!r} from {value} ({how})"
+    lab.settle()
+    before = [lab.image_bytes(other) for other in others]
+    shown = lab.expect_image_change(img, move, what)
+    for i, (other, image) in enumerate(zip(others, before)):
+        lab.wait_image_change(other, image, f"{what} (image {i + 2} of its widget)")
+    return shown
 
 
 def slider_label(slider) -> str:
@@ -87,8 +102,10 @@ def test_notebook_02_latent_scrubber(lab):
     lab.screenshot("random-z")
 
 
-def test_notebook_03_dream_player(lab):
+def test_notebook_03_mdn_toy_and_dream_player(lab):
     run_notebook(lab, "03_mdnrnn.ipynb")
+    check_slider_changes_image(lab, "tau")  # the first "tau": the MDN toy of section 1, above the player
+    lab.screenshot("toy-tau")
     play = lab.play_widget()
     play.scroll_into_view_if_needed()
     player, img = lab.widget_box(play)
@@ -135,11 +152,27 @@ def test_notebook_03_dream_player(lab):
                                    f"'steer' at {lab.slider_value(steer)} as without steering")
 
 
-@pytest.mark.parametrize("name", ["04_dream_evolution.ipynb", "05_sim2real.ipynb"])
-def test_notebook_figures_and_episode_scrubber(lab, name):
-    run_notebook(lab, name)
+def test_notebook_04_dream_player_and_generations(lab):
+    run_notebook(lab, "04_dream_evolution.ipynb")
     lab.assert_matplotlib_images(1)
     lab.screenshot("figures")
     check_slider_changes_image(lab, "step", how="drag")
     check_slider_changes_image(lab, "step", how="keyboard")
+    check_slider_changes_image(lab, "generation", how="keyboard")  # at smoke 2 generations: a drag may not reach 2
+    lab.screenshot("generation")
+
+
+def test_notebook_05_episode_scrubber_and_real_dream_player(lab):
+    run_notebook(lab, "05_sim2real.ipynb")
+    lab.assert_matplotlib_images(1)
+    lab.screenshot("figures")
+    check_slider_changes_image(lab, "step", how="drag")  # the first "step": the episode scrubber
+    check_slider_changes_image(lab, "step", how="keyboard")
     lab.screenshot("step")
+    start = lab.slider("start")
+    start.scroll_into_view_if_needed()
+    player, img = lab.widget_box(start)
+    lab.expect_image_change(img, lambda: lab.drag_slider(start), "moving the real-vs-dream player's 'start'")
+    step = lab.slider("step", within=player)
+    lab.expect_image_change(img, lambda: lab.nudge_slider(step), "moving the real-vs-dream player's 'step'")
+    lab.screenshot("real-vs-dream")
