@@ -8,6 +8,8 @@ import pytest
 from wmlib import rollouts
 from wmlib.data import load_episode
 
+pytestmark = pytest.mark.slow  # Ray starts a cluster for these: left out of the quick unit run
+
 
 @pytest.fixture
 def ray_backend():

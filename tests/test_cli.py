@@ -13,6 +13,7 @@ from wmlib.pipeline import real_frames
 from wmlib.data import episode_files, load_episode
 
 ENV = {**os.environ, "WM_PRESET": "smoke"}
+pytestmark = pytest.mark.slow  # each test starts `wm` (and JAX) in subprocesses: left out of the quick unit run
 
 
 def wm(*args, check=True):

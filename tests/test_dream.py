@@ -39,6 +39,7 @@ class LinearDecoder(eqx.Module):
         return jax.nn.sigmoid(self.linear(z)).reshape(64, 64, 3)
 
 
+@pytest.mark.slow  # more than 10 s on 2 cores: left out of the quick unit run
 def test_population_returns_match_a_python_loop():
     params = DreamParams(tiny_mdnrnn(done_bias=-1.0), tiny_bank(), tau=1.2, max_steps=12, start="warm")
     P, R, steps = 3, 2, 15
@@ -61,6 +62,7 @@ def test_population_returns_match_a_python_loop():
     assert len(np.unique(got.round(4))) > 1  # the candidates and repeats really differ
 
 
+@pytest.mark.slow  # more than 10 s on 2 cores: left out of the quick unit run
 def test_done_freezes_the_episode():
     params = DreamParams(tiny_mdnrnn(done_bias=50.0), tiny_bank(), max_steps=100)
     controller = Controller(Z, H, key=jax.random.PRNGKey(3))

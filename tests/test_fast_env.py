@@ -77,6 +77,7 @@ def pair(**kwargs):
     return make_env(fast=False, **kwargs), make_env(fast=True, **kwargs)
 
 
+@pytest.mark.slow  # more than 10 s on 2 cores: left out of the quick unit run
 @pytest.mark.parametrize("seed, driver", [(0, "random"), (1, "smooth"), (2, "random"),
                                           (3, "smooth"), (4, "random"), (5, "smooth")])
 def test_episode_identical(seed, driver):
@@ -86,6 +87,7 @@ def test_episode_identical(seed, driver):
     assert steps == 1000  # neither driver leaves the playfield: full episodes, TimeLimit ends them
 
 
+@pytest.mark.slow  # more than 10 s on 2 cores: left out of the quick unit run
 def test_heuristic_episode_and_next_track_identical():
     stock, fast = pair()
     steps, _ = assert_lockstep(stock, fast, 6, heuristic_driver(6))

@@ -203,6 +203,7 @@ def sample_run(tmp_path_factory):
     return root, root / "data", root
 
 
+@pytest.mark.slow  # more than 10 s on 2 cores: left out of the quick unit run
 def test_fidelity_report_writes_json_and_figures(sample_run):
     root, data, evolve = sample_run
 

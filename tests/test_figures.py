@@ -7,6 +7,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 
 from test_cli import last_json, wm
 from wmlib import figures
@@ -23,6 +24,7 @@ def embedded(notebook: Path) -> list[Path]:
     return [(notebook.parent / link).resolve() for link in EMBED.findall(text)]
 
 
+@pytest.mark.slow  # more than 10 s on 2 cores: left out of the quick unit run
 def test_wm_figures_renders_every_figure_from_the_shipped_artifacts(tmp_path):
     out = last_json(wm("figures", "--out", tmp_path))
     assert out["figures"] == list(figures.FIGURES)
