@@ -104,6 +104,7 @@ class RNNConfig:
     offroad_done: bool = False     # the done head learns "off the road next step" (the dream ends there)
     done_pos_weight: float = 1.0   # weight of the rare positive done targets in the BCE
     dropout: float = 0.0           # dropout on the LSTM's inputs and recurrent state in training
+    sample_z: bool = True          # learn from z ~ N(mu, sigma^2) (the paper) or from V's means mu
     epochs: int = 20
     val_episodes: int = 2
     seed: int = 0

@@ -233,6 +233,9 @@ def make_loss_fn(cfg: RNNConfig = RNNConfig()):
 
     Each call draws fresh z ~ N(mu, exp(logvar)) from `key` (the paper re-samples the training
     latents every epoch; here every batch), so M learns from V's uncertainty, not only its means.
+    With `cfg.sample_z` False M learns from the means: V's per-frame noise (posterior std ~0.2 in the
+    informative dimensions) is larger than one step's change of z (~0.06), and hides what an action
+    does from one frame to the next.
     """
     def loss_fn(model: MDNRNN, batch: Batch, key: jax.Array):
         k_z, k_drop = jax.random.split(key)
@@ -241,7 +244,7 @@ def make_loss_fn(cfg: RNNConfig = RNNConfig()):
             B = batch["mu"].shape[0]
             masks = jax.vmap(lambda k: dropout_mask(k, cfg.dropout, model.z_dim + model.action_dim, model.hidden))(
                 jax.random.split(k_drop, B))
-        return mdnrnn_loss(model, *_sequences(batch, k_z, cfg.offroad_done), w_mdn=cfg.w_mdn,
+        return mdnrnn_loss(model, *_sequences(batch, k_z if cfg.sample_z else None, cfg.offroad_done), w_mdn=cfg.w_mdn,
                            w_reward=cfg.w_reward, w_done=cfg.w_done, reward_asymmetry=cfg.reward_asymmetry,
                            reward_floor=cfg.reward_floor, done_pos_weight=cfg.done_pos_weight, masks=masks)
     return loss_fn
