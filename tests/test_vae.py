@@ -1,26 +1,15 @@
-"""V: the hand-written layers against lax, the paper's architecture, the loss, checkpoints, helpers."""
+"""V: the fast im2col layers against the plain lax ones, the paper's architecture, the loss, checkpoints, helpers."""
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import lax
 
 import wmlib.vae as V
 from wmlib import checkpoint
 from wmlib.data import Episode, episode_name, save_episode
-
-DN = ("NHWC", "HWIO", "NHWC")
-
-
-def lax_conv(x, w):
-    return lax.conv_general_dilated(x, w, (2, 2), "VALID", dimension_numbers=DN)
-
-
-def lax_conv_transpose(x, w):
-    """Reference for `conv_transpose2d`, whose kernel is (Cin, k, k, Cout): HWIO flipped in space."""
-    return lax.conv_transpose(x, w.transpose(1, 2, 0, 3)[::-1, ::-1], (2, 2), "VALID", dimension_numbers=DN)
+from wmlib.fast import conv as fast_conv
 
 
 def assert_same_op(ours, ref, x, w):
@@ -38,21 +27,46 @@ def normal(seed, *shape):
 # every layer shape of the paper's V (and one odd case), batch 3, fewer channels to keep it quick
 @pytest.mark.parametrize("h, k", [(64, 4), (31, 4), (14, 4), (6, 4), (13, 5)])
 def test_conv2d_matches_lax(h, k):
-    assert_same_op(V.conv2d, lax_conv, normal(0, 3, h, h, 5), normal(1, k, k, 5, 7))
+    assert_same_op(fast_conv.conv2d, V.conv2d, normal(0, 3, h, h, 5), normal(1, k, k, 5, 7))
 
 
 @pytest.mark.parametrize("h, k", [(1, 5), (5, 5), (13, 6), (30, 6), (4, 4)])
 def test_conv_transpose2d_matches_lax(h, k):
-    assert_same_op(V.conv_transpose2d, lax_conv_transpose, normal(0, 3, h, h, 5), normal(1, 5, k, k, 7))
+    assert_same_op(fast_conv.conv_transpose2d, V.conv_transpose2d, normal(0, 3, h, h, 5), normal(1, 5, k, k, 7))
+
+
+def test_conv_transpose2d_spreads_each_pixel_over_its_kernel():
+    """The kernel layout (Cin, k, k, Cout), as PyTorch's: y[2i + a, 2j + b] += x[i, j] @ w[:, a, b]."""
+    x, w = normal(0, 1, 2, 1, 5), normal(1, 5, 4, 4, 7)
+    want = np.zeros((1, 6, 4, 7), np.float32)
+    for i in range(2):
+        want[0, 2 * i:2 * i + 4] += np.einsum("c,cabo->abo", x[0, i, 0], w)
+    for conv in (V.conv_transpose2d, fast_conv.conv_transpose2d):
+        np.testing.assert_allclose(conv(x, w), want, rtol=1e-5, atol=1e-5)
 
 
 def test_layers_chunk_the_batch_without_changing_results(monkeypatch):
     # a budget of 2 examples' im2col rows: conv2d runs chunks of 2, 2, 2 and a remainder of 1,
     # the transposed convolution (3x bigger rows) chunks of 1
     x, w, wt = normal(0, 7, 14, 14, 4), normal(1, 4, 4, 4, 6), normal(2, 4, 6, 6, 3)
-    monkeypatch.setattr(V, "CHUNK_BYTES", V._patch_bytes(x, 4) * 2)
-    assert_same_op(V.conv2d, lax_conv, x, w)
-    assert_same_op(V.conv_transpose2d, lax_conv_transpose, x, wt)
+    monkeypatch.setattr(fast_conv, "CHUNK_BYTES", fast_conv._patch_bytes(x, 4) * 2)
+    assert_same_op(fast_conv.conv2d, V.conv2d, x, w)
+    assert_same_op(fast_conv.conv_transpose2d, V.conv_transpose2d, x, wt)
+
+
+def test_fast_and_plain_vae_agree():
+    """ConvVAE(fast=True) and ConvVAE(fast=False): same parameters, same loss, same gradients."""
+    key = jax.random.PRNGKey(0)
+    fast, plain = V.ConvVAE(key, fast=True), V.ConvVAE(key, fast=False)
+    for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(plain)):
+        np.testing.assert_array_equal(a, b)
+    frames = jnp.asarray(np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8))
+    grad = eqx.filter_jit(eqx.filter_value_and_grad(V.vae_loss, has_aux=True))
+    (loss_fast, _), g_fast = grad(fast, frames, jax.random.PRNGKey(1))
+    (loss_plain, _), g_plain = grad(plain, frames, jax.random.PRNGKey(1))
+    np.testing.assert_allclose(loss_fast, loss_plain, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_plain)):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * float(jnp.abs(b).max()))
 
 
 @eqx.filter_jit
