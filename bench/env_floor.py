@@ -24,7 +24,7 @@ import types
 import numpy as np
 import pygame
 
-import wmlib.env
+import wmlib.fast.render
 from wmlib.env import make_env
 
 PIXEL_SECONDS = [0.0]
@@ -73,8 +73,8 @@ def main() -> None:
     fast_s = min(per_step(fast, actions, seeds) for _ in range(2))
 
     # The same fast steps with every pygame pixel call timed.
-    wmlib.env.gfxdraw = types.SimpleNamespace(aapolygon=timed(pygame.gfxdraw.aapolygon),
-                                              filled_polygon=timed(pygame.gfxdraw.filled_polygon))
+    wmlib.fast.render.gfxdraw = types.SimpleNamespace(aapolygon=timed(pygame.gfxdraw.aapolygon),
+                                                      filled_polygon=timed(pygame.gfxdraw.filled_polygon))
     for module, name in [(pygame.draw, "polygon"), (pygame.draw, "lines"), (pygame.transform, "smoothscale"),
                          (pygame.image, "tobytes")]:
         setattr(module, name, timed(getattr(module, name)))

@@ -4,7 +4,7 @@ The fast and the stock environment are stepped in lockstep with the same seed an
 observation must have the same bytes and every (reward, terminated, truncated) must be equal.
 Drivers: seeded random actions, a smooth scripted drive and the heuristic track follower (on-road
 driving, the data-collection case). The remaining tests pin down the facts about pygame that the
-fast renderer relies on (see the note in wmlib/env.py).
+fast renderer relies on (see the note in wmlib/fast/render.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import pytest
 from gymnasium.envs.box2d.car_racing import CarRacing
 
 import wmlib
-from wmlib.env import FAST_ENV_ID, CarRacingFast, _rotation, make_env
+from wmlib.env import FAST_ENV_ID, make_env
+from wmlib.fast.render import CarRacingFast, _rotation
 from wmlib.policies import make_policy
 
 LOW, HIGH = np.array([-1.0, 0.0, 0.0]), np.array([1.0, 1.0, 1.0])
