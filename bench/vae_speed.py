@@ -4,13 +4,13 @@ Times `wmlib.vae.make_train_step` on a batch of random uint8 frames (paper batch
 PyTorch is importable, the same model in PyTorch: the paper's ConvVAE with the same layers, the same
 loss (sum of squared errors + KL clipped below at 0.5 * z_dim, batch mean), Adam 1e-4, started from
 the same weights (copied from the JAX model; the script checks that both compute the same encoder
-and decoder outputs). PyTorch runs in its own process, as its users run it: `import wmlib` changes
-this process's memory allocator (`wmlib.reuse_freed_memory`), which would speed PyTorch up too;
-`--torch-same-allocator` gives the PyTorch process the same setting, to see how much. Each uses as
-many threads as the process has cores (`taskset -c 0 ...` compares one core each). Compilation and
-warm-up steps are excluded. The two are timed in alternating rounds of `--steps` steps (the first
-of each round in alternating order), so a busy neighbour slows both; the headline is the best round
-of each (closest to an idle machine), the medians are printed too.
+and decoder outputs). PyTorch runs in its own process, as its users run it: the JAX side keeps
+freed memory for reuse as the `wm` command does (`wmlib.fast.memory.reuse_freed_memory`), which
+would speed PyTorch up too; `--torch-same-allocator` gives the PyTorch process the same setting,
+to see how much. Each uses as many threads as the process has cores (`taskset -c 0 ...` compares
+one core each). Compilation and warm-up steps are excluded. The two are timed in alternating rounds
+of `--steps` steps (the first of each round in alternating order), so a busy neighbour slows both;
+the headline is the best round of each (closest to an idle machine), the medians are printed too.
 
     uv run python bench/vae_speed.py
     PYTHONPATH=/tmp/torchlib uv run python bench/vae_speed.py    # torch installed outside the project:
@@ -110,7 +110,7 @@ def torch_runner(weights: dict, frames: np.ndarray, reference: dict):
 def torch_process(conn, weights: dict, frames: np.ndarray, reference: dict, same_allocator: bool) -> None:
     """The PyTorch side, in its own process: answers "run N steps" with the seconds they took."""
     if same_allocator:
-        from wmlib import reuse_freed_memory  # importing wmlib applies it; the call says so
+        from wmlib.fast.memory import reuse_freed_memory
 
         reuse_freed_memory()
     try:
@@ -135,6 +135,10 @@ def main() -> None:
     parser.add_argument("--torch-same-allocator", action="store_true",
                         help="give the PyTorch process wmlib's allocator setting too")
     args = parser.parse_args()
+
+    from wmlib.fast.memory import reuse_freed_memory
+
+    reuse_freed_memory()  # as `wm train-vae` runs, before JAX starts its threads
 
     import jax
     import jax.numpy as jnp

@@ -1,10 +1,5 @@
 """The shared training loop and checkpoint files, on a tiny linear regression."""
 
-import platform
-import resource
-import subprocess
-import sys
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -89,39 +84,3 @@ def test_checkpoint_errors_name_the_file(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match=r"old\.eqx has checkpoint format 0"):
         checkpoint.load(tmp_path / "old.eqx", "linear", lambda h: _model())
 
-
-FAULTS_OF_A_SECOND_BUFFER = """
-import ctypes, resource, sys
-libc = ctypes.CDLL("libc.so.6")
-libc.malloc.restype = ctypes.c_void_p
-libc.free.argtypes = [ctypes.c_void_p]
-if sys.argv[1] == "reuse":
-    import wmlib  # noqa: F401  (sets the allocator up)
-def faults_of_a_64mb_buffer():  # as XLA's scratch buffers: malloc, fill, free
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    p = libc.malloc(64 * 2**20)
-    ctypes.memset(p, 1, 64 * 2**20)
-    libc.free(p)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-def in_a_thread(f):  # as XLA: its worker threads allocate
-    import threading
-    out = []
-    t = threading.Thread(target=lambda: out.append(f()))
-    t.start()
-    t.join()
-    return out[0]
-in_a_thread(faults_of_a_64mb_buffer)
-print(in_a_thread(faults_of_a_64mb_buffer))
-"""
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="wmlib.reuse_freed_memory only acts on glibc")
-def test_import_wmlib_removes_the_page_faults_of_a_repeated_large_buffer():
-    def faults(mode):
-        out = subprocess.run([sys.executable, "-c", FAULTS_OF_A_SECOND_BUFFER, mode], capture_output=True,
-                             text=True, check=True).stdout
-        return int(out)
-
-    pages = 64 * 2**20 // resource.getpagesize()
-    assert faults("default") > pages // 2  # glibc returned the block: every page is new again
-    assert faults("reuse") < pages // 20  # the freed block was kept and reused

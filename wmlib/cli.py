@@ -423,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from wmlib.fast.memory import reuse_freed_memory
+
+    reuse_freed_memory()  # first, before JAX starts its threads (see why in its docstring)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
