@@ -1,4 +1,5 @@
-"""The dream: batched fitness against a slow loop, episode ends, start modes, the gymnasium wrapper."""
+"""The dream: batched fitness against a slow loop, episode ends, start modes, the gymnasium wrapper,
+driven by a generic gymnax-style rollout."""
 
 import warnings
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
+import wmlib.dream as dream
 from wmlib.controller import Controller, from_flat, n_params
 from wmlib.dream import (DreamCarRacing, DreamParams, make_start_bank, population_returns, reset, rollout,
                          rollout_trajectory, step)
@@ -54,9 +56,9 @@ def test_population_returns_match_a_python_loop():
         controller = from_flat(flat[p], Z, H)
         for r, k in enumerate(jax.random.split(key, R)):
             k_reset, k_steps = jax.random.split(k)
-            state = reset_j(k_reset, params)
+            _, state = reset_j(k_reset, params)
             for ks in jax.random.split(k_steps, steps):
-                state, _, reward, _ = step_j(ks, state, controller(state.z, state.h), params)
+                _, state, reward, _, _ = step_j(ks, state, controller(state.z, state.h), params)
                 want[p, r] += float(reward)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     assert len(np.unique(got.round(4))) > 1  # the candidates and repeats really differ
@@ -72,9 +74,9 @@ def test_done_freezes_the_episode():
     np.testing.assert_allclose(rollout(jax.random.PRNGKey(4), controller, params, 6), ret, rtol=1e-6)
     np.testing.assert_array_equal(traj.z[1], traj.z[-1])  # frozen latent after the end
 
-    state = reset(jax.random.PRNGKey(5), params)
-    state, obs, _, _ = step(jax.random.PRNGKey(6), state, jnp.array([0.0, 1.0, 0.0]), params)
-    again, obs2, reward, done = step(jax.random.PRNGKey(7), state, jnp.array([1.0, 0.0, 1.0]), params)
+    _, state = reset(jax.random.PRNGKey(5), params)
+    obs, state, _, _, _ = step(jax.random.PRNGKey(6), state, jnp.array([0.0, 1.0, 0.0]), params)
+    obs2, again, reward, done, _ = step(jax.random.PRNGKey(7), state, jnp.array([1.0, 0.0, 1.0]), params)
     assert bool(done) and bool(again.terminated) and float(reward) == 0 and int(again.t) == 1
     np.testing.assert_array_equal(obs, obs2)
 
@@ -89,15 +91,15 @@ def test_max_steps_ends_the_episode():
 def test_start_modes():
     m = tiny_mdnrnn()
     bank = tiny_bank(warmup=3, logvar=-40.0)  # a near-zero posterior spread: z = mu
-    zero = reset(jax.random.PRNGKey(0), DreamParams(m, start="zero"))
+    _, zero = reset(jax.random.PRNGKey(0), DreamParams(m, start="zero"))
     assert not np.any(zero.z) and not np.any(zero.h) and not np.any(zero.c)
 
     for s, history in ((7, [4, 5, 6]), (11, [10])):  # frame 11 is the second frame of episode 2
         one = eqx.tree_at(lambda b: b.starts, bank, jnp.array([s], jnp.int32))
-        real = reset(jax.random.PRNGKey(1), DreamParams(m, one, start="real"))
+        _, real = reset(jax.random.PRNGKey(1), DreamParams(m, one, start="real"))
         np.testing.assert_allclose(real.z, bank.mu[s], atol=1e-6)
         assert not np.any(real.h)
-        warm = reset(jax.random.PRNGKey(1), DreamParams(m, one, start="warm"))
+        _, warm = reset(jax.random.PRNGKey(1), DreamParams(m, one, start="warm"))
         state = m.initial_state()
         for i in history:
             state = m.advance(state, bank.mu[i], bank.action[i])
@@ -148,14 +150,54 @@ def test_dream_dropout_draws_one_mask_per_dream_and_keeps_it():
     m, bank = tiny_mdnrnn(), tiny_bank(warmup=3)
     plain, dropped = DreamParams(m, bank, max_steps=20), DreamParams(m, bank, max_steps=20, dropout=0.3)
     key = jax.random.PRNGKey(4)
-    a, b = reset(key, plain), reset(key, dropped)
+    (_, a), (_, b) = reset(key, plain), reset(key, dropped)
     assert all(bool(jnp.all(x == 1.0)) for x in a.mask)
     np.testing.assert_allclose(a.z, b.z)  # the start does not depend on the dropout rate
-    other = reset(jax.random.PRNGKey(5), dropped)
+    _, other = reset(jax.random.PRNGKey(5), dropped)
     assert not np.array_equal(b.mask[1], other.mask[1])
     state = b
     for k in jax.random.split(key, 5):
-        state, *_ = step(k, state, jnp.zeros(3), dropped)
+        _, state, *_ = step(k, state, jnp.zeros(3), dropped)
         assert np.array_equal(state.mask[1], b.mask[1])
     with pytest.raises(ValueError, match=r"dropout must lie in \[0, 1\)"):
         DreamParams(m, bank, dropout=1.0)
+
+
+def gymnax_rollout(env, env_params, policy, key, steps):
+    """A rollout as gymnax-style code writes it, knowing nothing of the dream: `env.reset(key, params)`,
+    then one lax.scan over `env.step(key, state, action, params)` with one key per step; the return
+    counts rewards until the first done. Returns (return, rewards per step)."""
+    k_reset, k_steps = jax.random.split(key)
+    obs, state = env.reset(k_reset, env_params)
+
+    def body(carry, k):
+        obs, state, ret, alive = carry
+        obs, state, reward, done, _ = env.step(k, state, policy(obs), env_params)
+        return (obs, state, ret + alive * reward, alive * (1.0 - done)), reward
+
+    (_, _, ret, _), rewards = jax.lax.scan(body, (obs, state, 0.0, 1.0), jax.random.split(k_steps, steps))
+    return ret, rewards
+
+
+def test_a_generic_gymnax_rollout_drives_the_dream():
+    """The module's reset/step have gymnax's signatures: a generic rollout, jitted and vmapped over a
+    population and repeats, gives the dream's own returns for the same keys (the episodes end within
+    the rollout: max_steps 12 < 15 steps)."""
+    params = DreamParams(tiny_mdnrnn(done_bias=-1.0), tiny_bank(), tau=1.2, max_steps=12, start="warm")
+    P, R, steps = 3, 2, 15
+    flat = 0.5 * jax.random.normal(jax.random.PRNGKey(1), (P, n_params(Z, H)))
+    key = jax.random.PRNGKey(2)
+
+    def rollout_of(vec, k):
+        controller = from_flat(vec, Z, H)
+        return gymnax_rollout(dream, params, lambda obs: controller(obs[:Z], obs[Z:]), k, steps)
+
+    keys = jax.random.split(key, R)
+    got, rewards = jax.jit(jax.vmap(lambda vec: jax.vmap(lambda k: rollout_of(vec, k))(keys)))(flat)
+    assert got.shape == (P, R) and rewards.shape == (P, R, steps)
+    np.testing.assert_allclose(got, population_returns(key, flat, params, R, steps), rtol=1e-5, atol=1e-5)
+    for p in range(P):
+        ret, traj = rollout_trajectory(keys[1], from_flat(flat[p], Z, H), params, steps)
+        np.testing.assert_allclose(got[p, 1], ret, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(rewards[p, 1], traj.reward, rtol=1e-5, atol=1e-5)
+    assert len(np.unique(np.asarray(got).round(4))) > 1

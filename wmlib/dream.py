@@ -3,8 +3,12 @@
 Gymnax style: the environment is stateless and every function is pure, so a whole rollout is one
 `lax.scan`, and repeats and the CMA-ES population are `vmap`s around it:
 
-    state = reset(key, params)                                  # a start drawn from real frames
-    state, obs, reward, done = step(key, state, action, params)  # obs = [z, h], C's input
+    obs, state = reset(key, params)                                    # a start drawn from real frames
+    obs, state, reward, done, info = step(key, state, action, params)  # obs = [z, h], C's input
+
+These are gymnax's signatures (`gymnax.environments.environment.Environment.reset` / `step`, with
+`DreamParams` as the env params), so code written to drive gymnax environments drives the dream
+as it is: this module can stand for the env (tests/test_dream.py runs such a generic rollout).
 
 A dream step feeds (z_t, a_t) to M, samples z_{t+1} from M's mixtures at temperature tau, and takes
 the reward and the end of the episode from M's heads. The episode ends when M's done head says so,
@@ -131,8 +135,8 @@ class DreamState(eqx.Module):
     mask: tuple[Float[Array, " in"], Float[Array, " hidden"]]  # this dream's dropout mask on M (ones: none)
 
 
-def reset(key: jax.Array, params: DreamParams) -> DreamState:
-    """Start one dream episode (see the module docstring for the start modes)."""
+def reset(key: jax.Array, params: DreamParams) -> tuple[Float[Array, " obs"], DreamState]:
+    """Start one dream episode -> (obs [z_0, h_0], state); see the module docstring for the start modes."""
     m = params.mdnrnn
     h, c = m.initial_state()
     # its own stream (fold_in), so the start drawn from `key` is the same with or without dropout
@@ -158,7 +162,8 @@ def reset(key: jax.Array, params: DreamParams) -> DreamState:
 
             (h, c), _ = jax.lax.scan(warm, (h, c), (zs, b.action[idx], valid))
     false = jnp.zeros((), bool)
-    return DreamState(z, h, c, jnp.zeros((), jnp.int32), false, false, mask)
+    state = DreamState(z, h, c, jnp.zeros((), jnp.int32), false, false, mask)
+    return observation(state), state
 
 
 def road_starts(offroad: np.ndarray, ahead: int = 20) -> np.ndarray:
@@ -181,16 +186,19 @@ def observation(state: DreamState) -> Float[Array, " obs"]:
 
 
 def step(key: jax.Array, state: DreamState, action: Float[Array, " action_dim"], params: DreamParams
-         ) -> tuple[DreamState, Float[Array, " obs"], Float[Array, ""], Bool[Array, ""]]:
-    """One dream step -> (state, obs [z_{t+1}, h_{t+1}], reward r_t, done). A done state stays as it is
-    and earns 0."""
+         ) -> tuple[Float[Array, " obs"], DreamState, Float[Array, ""], Bool[Array, ""], dict]:
+    """One dream step -> (obs [z_{t+1}, h_{t+1}], state, reward r_t, done, info {"terminated"}).
+
+    done: the episode is over, because M's done head ended it (info["terminated"]) or after
+    `params.max_steps` steps. A done state stays as it is and earns 0.
+    """
     (h, c), out = params.mdnrnn.step((state.h, state.c), state.z, action, state.mask)
     z = sample_next_z(key, out, params.tau)
     terminated = out.done_logit > 0.0  # sigmoid(logit) > 0.5
     t = state.t + 1
     new = DreamState(z, h, c, t, terminated | (t >= params.max_steps), terminated, state.mask)
     new = jax.tree.map(lambda old, n: jnp.where(state.done, old, n), state, new)
-    return new, observation(new), jnp.where(state.done, 0.0, out.reward), new.done
+    return observation(new), new, jnp.where(state.done, 0.0, out.reward), new.done, {"terminated": new.terminated}
 
 
 class Trajectory(NamedTuple):
@@ -208,11 +216,11 @@ def _rollout(key, controller: Controller, params: DreamParams, steps: int, trace
     def body(carry, k):
         state, ret = carry
         action = controller(state.z, state.h)
-        new, _, reward, done = step(k, state, action, params)
+        _, new, reward, done, _ = step(k, state, action, params)
         return (new, ret + reward), (Trajectory(state.z, action, reward, done) if trace else None)
 
-    (_, ret), traj = jax.lax.scan(body, (reset(k_reset, params), jnp.zeros(())),
-                                  jax.random.split(k_steps, steps))
+    _, start = reset(k_reset, params)
+    (_, ret), traj = jax.lax.scan(body, (start, jnp.zeros(())), jax.random.split(k_steps, steps))
     return ret, traj
 
 
@@ -323,8 +331,8 @@ class DreamCarRacing(gym.Env):
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
         self._key, k = jax.random.split(jax.random.PRNGKey(int(self.np_random.integers(2**31 - 1))))
-        self._state = self._reset(k, self.params)
-        return np.array(observation(self._state), np.float32), {"t": 0}
+        obs, self._state = self._reset(k, self.params)
+        return np.array(obs, np.float32), {"t": 0}
 
     def step(self, action):
         if self._state is None:
@@ -334,8 +342,8 @@ class DreamCarRacing(gym.Env):
             raise ValueError(f"action {np.asarray(action).tolist()} is outside the CarRacing action space: "
                              "expected (steer, gas, brake) with steer in [-1, 1], gas and brake in [0, 1]")
         self._key, k = jax.random.split(self._key)
-        self._state, obs, reward, done = self._step(k, self._state, jnp.asarray(a), self.params)
-        terminated = bool(self._state.terminated)
+        obs, self._state, reward, done, info = self._step(k, self._state, jnp.asarray(a), self.params)
+        terminated = bool(info["terminated"])
         return (np.array(obs, np.float32), float(reward), terminated, bool(done) and not terminated,
                 {"t": int(self._state.t)})
 
