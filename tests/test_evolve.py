@@ -40,6 +40,7 @@ def test_evolve_maximises_return(tmp_path, optimizer):
     assert header["extra"]["dream_return"] == pytest.approx(result.best_return)
 
 
+@pytest.mark.slow  # more than 10 s on 2 cores: left out of the quick unit run
 @pytest.mark.parametrize("optimizer", ["pycma", "evosax"])
 def test_resume_equals_uninterrupted(tmp_path, optimizer):
     straight = evolve(toy_fitness, N, cfg(optimizer=optimizer, generations=12), tmp_path / "a",

@@ -13,6 +13,7 @@ import cv2
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from wmlib.config import PRETRAINED_DIR
 from wmlib.files import write_mp4
@@ -55,6 +56,7 @@ def test_write_mp4_refuses_float_frames(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # starts `wm` in a subprocess, as test_cli.py's tests do
 def test_wm_evaluate_video_prints_no_fork_warning(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "wmlib.cli", "evaluate", "--agent", str(PRETRAINED_DIR),
                            "--episodes", "1", "--max-steps", "20", "--workers", "1", "--video", str(tmp_path)],
