@@ -398,7 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="collection encoded by that V (dream starts)")
     p.add_argument("--out", required=True, help="folder for one evolution per tau and tau_sweep.json")
     p.add_argument("--taus", default="0.5,1.0,1.15,1.3", help="temperatures, comma-separated")
-    p.add_argument("--generations", type=_positive_int, default=None, help="generations per evolution (default: preset)")
+    p.add_argument("--generations", type=_positive_int, default=None,
+                   help="generations per evolution (default: preset)")
     p.add_argument("--popsize", type=_positive_int, default=None, help="CMA-ES population (default: preset)")
     p.add_argument("--repeats", type=_positive_int, default=None, help="dreams per candidate (default: preset)")
     p.add_argument("--episodes", type=_positive_int, default=32, help="real episodes per tau")
