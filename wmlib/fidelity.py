@@ -29,7 +29,7 @@ import dataclasses
 import math
 import os
 from pathlib import Path
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import cv2
 import equinox as eqx
@@ -94,8 +94,8 @@ def pick_controllers(means: np.ndarray, count: int) -> np.ndarray:
 
 
 @eqx.filter_jit
-def _returns_at(key: jax.Array, vec: Float[Array, "n"], params: DreamParams, rollouts: int,
-                horizons: tuple[int, ...]) -> Float[Array, "H"]:
+def _returns_at(key: jax.Array, vec: Float[Array, " n"], params: DreamParams, rollouts: int,
+                horizons: tuple[int, ...]) -> Float[Array, " H"]:
     m = params.mdnrnn
     controller = from_flat(vec, m.z_dim, m.hidden)
 
@@ -280,17 +280,19 @@ def bend_agreement(episodes: Sequence[Episode], tracks: dict[int, np.ndarray] | 
     from wmlib.env import track_of_seed
 
     tracks = dict(tracks or {})
-    truth, pred, seen = [], [], []
+    truths: list[np.ndarray] = []
+    preds: list[np.ndarray] = []
+    seens: list[np.ndarray] = []
     for ep in episodes:
         if ep.seed not in tracks:
             tracks[ep.seed] = track_of_seed(ep.seed)
         turn, off = road_turn_ahead(ep.info["car_xy"], tracks[ep.seed])
         keep = ~off & (np.arange(len(ep)) >= ZOOM_STEPS)
         b, s = bends(ep.frames[keep], threshold)
-        truth.append(np.abs(turn[keep]) > BEND_TURN)
-        pred.append(b)
-        seen.append(s)
-    truth, pred, seen = map(np.concatenate, (truth, pred, seen))
+        truths.append(np.abs(turn[keep]) > BEND_TURN)
+        preds.append(b)
+        seens.append(s)
+    truth, pred, seen = map(np.concatenate, (truths, preds, seens))
     t, p = truth[seen], pred[seen]
     return {"frames": int(len(truth)), "seen": float(seen.mean()), "accuracy": float((t == p).mean()),
             "balanced_accuracy": float(0.5 * (p[t].mean() + (~p[~t]).mean())),
@@ -371,7 +373,7 @@ def jerk_events(steer: np.ndarray, start: int = ZOOM_STEPS, horizon: int = 24) -
 
 @eqx.filter_jit
 def _dream_reads(mdnrnn, z_past: Float[Array, "W z"], a_past: Float[Array, "W-1 3"], actions: Float[Array, "H 3"],
-                 w: Float[Array, "z"], key: jax.Array, samples: int) -> Float[Array, "H"]:
+                 w: Float[Array, " z"], key: jax.Array, samples: int) -> Float[Array, " H"]:
     """M warmed on the real past (latents z_past, the actions between them), then dreaming with
     `actions` from the last real latent: the read-out of each dreamed latent, averaged over samples."""
     from wmlib.mdnrnn import sample_next_z
@@ -405,7 +407,9 @@ def steering_response(mdnrnn, episodes: Sequence[dict], readout: np.ndarray, hor
     """
     w = jnp.asarray(readout[:-1], jnp.float32)
     key = jax.random.PRNGKey(seed)
-    real, dream, straight = [], [], []
+    real: list[np.ndarray] = []
+    dream: list[np.ndarray] = []
+    straight: list[np.ndarray] = []
     for ep in episodes:
         mu, act = np.asarray(ep["mu"], np.float32), np.asarray(ep["actions"], np.float32)
         reads = read(readout, mu)
@@ -553,7 +557,8 @@ def _frame_bends(vae, episodes: Sequence[Episode]) -> dict:
     from wmlib.viz import to_uint8
 
     frames = np.concatenate([ep.frames[ZOOM_STEPS:] for ep in episodes])
-    out = {"raw": bend_fraction(frames), "recon": bend_fraction(to_uint8(reconstruct(vae, frames)))}
+    out: dict[str, dict | float] = {"raw": bend_fraction(frames),
+                                    "recon": bend_fraction(to_uint8(reconstruct(vae, frames)))}
     followers = [ep for ep in episodes if ep.policy in TRACK_FOLLOWERS and "car_xy" in ep.info]
     if followers:
         turns = [road_turn_ahead(ep.info["car_xy"], track_of_seed(ep.seed))[0][ZOOM_STEPS:] for ep in followers]

@@ -233,10 +233,11 @@ def temperature_sweep(agent_dir: Path, data_dir: Path, out: Path, cfg, taus, epi
     """The paper's temperature experiment (its Table 2, Doom) on this agent's V and M: at each tau a C
     is evolved in the dream from scratch (`evolve_in_dream` with `cfg` at that tau, into OUT/tau_T), the
     final search mean is scored in `dream_rollouts` dreams at that tau and on `episodes` real episodes
-    (env seeds seed.., at most `max_steps` steps: this reports, it chooses nothing). The C is the dream's own choice, with no
-    real selection, so the table shows what the temperature alone does. Resumable: an evolution that
-    finished is not rerun. Writes and returns OUT/tau_sweep.json: {"tau", "dream_mean", "dream_std",
-    "real_mean", "real_std", "scores", "episodes", "seed", "evolve"}.
+    (env seeds seed.., at most `max_steps` steps: this reports, it chooses nothing). The C is the
+    dream's own choice, with no real selection, so the table shows what the temperature alone does.
+    Resumable: an evolution that finished is not rerun. Writes and returns OUT/tau_sweep.json: {"tau",
+    "dream_mean", "dream_std", "real_mean", "real_std", "scores", "episodes", "seed", "max_steps",
+    "evolve"}.
     """
     from wmlib.dream import population_returns
     from wmlib.evaluate import evaluate
@@ -246,7 +247,7 @@ def temperature_sweep(agent_dir: Path, data_dir: Path, out: Path, cfg, taus, epi
     vae_id = vae_id_of(agent_dir / "vae.eqx")
     mdnrnn, _ = load_mdnrnn(agent_dir / "mdnrnn.eqx")
     encoded = load_encoded(data_dir, vae_id)
-    rows = {"tau": [], "dream_mean": [], "dream_std": [], "real_mean": [], "real_std": [], "scores": []}
+    rows: dict[str, list] = {k: [] for k in ("tau", "dream_mean", "dream_std", "real_mean", "real_std", "scores")}
     for tau in taus:
         c = dataclasses.replace(cfg, tau=float(tau), select_candidates=0, real_every=0)
         run = out / f"tau_{tau:g}"

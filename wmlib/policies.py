@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 import cv2
 import gymnasium as gym
@@ -209,7 +210,7 @@ class HeuristicPolicy(Policy):
 
     def drive(self, env: gym.Env) -> tuple[float, float, float]:
         """(steer, gas, brake) that follow the track at the planned speed."""
-        u = env.unwrapped
+        u: Any = env.unwrapped  # CarRacing's own attributes (track, car) are not on gym.Env's type
         if u.track is not self._track_source:
             self._plan(u.track)
         hull = u.car.hull
@@ -288,14 +289,16 @@ class RecoveryPolicy(HeuristicPolicy):
     def reset(self, rng: np.random.Generator) -> None:
         super().reset(rng)
         self.top_speed = self._base_top_speed * rng.uniform(0.6, 1.0)
-        self.mistake, self.steps_left, self.strength = None, 0, 0.0
+        self.mistake: str | None = None
+        self.steps_left, self.strength = 0, 0.0
 
     def act(self, obs: np.ndarray, env: gym.Env) -> np.ndarray:
         rng = self._require_rng()
         steer, gas, brake = self.drive(env)
         if self.steps_left == 0 and rng.uniform() < self.mistake_rate:
-            self.mistake = list(self.MISTAKES)[rng.integers(len(self.MISTAKES))]
-            low, high, min_steps, max_steps = self.MISTAKES[self.mistake]
+            kind = list(self.MISTAKES)[rng.integers(len(self.MISTAKES))]
+            self.mistake = kind
+            low, high, min_steps, max_steps = self.MISTAKES[kind]
             self.strength = float(rng.choice([-1.0, 1.0]) * rng.uniform(low, high))
             self.steps_left = int(rng.integers(min_steps, max_steps + 1))
         if self.steps_left > 0:

@@ -117,11 +117,13 @@ def recon_panel(frame: np.ndarray, recon: np.ndarray, scale: int = 3) -> np.ndar
     return hstack([upscale(frame, scale), upscale(recon, scale), upscale(err, scale)], pad=4)
 
 
-def latent_sweep(decode, z: np.ndarray, dims: list[int], values: np.ndarray = np.linspace(-3, 3, 7)) -> np.ndarray:
-    """A grid: row r decodes z with dimension dims[r] set to each of `values` (V's prior spans +-3).
+def latent_sweep(decode, z: np.ndarray, dims: list[int], values: np.ndarray | None = None) -> np.ndarray:
+    """A grid: row r decodes z with dimension dims[r] set to each of `values` (default -3, -2, ..., 3:
+    V's prior spans +-3).
 
     `decode(zs (N, z_dim)) -> frames (N, 64, 64, 3)` in [0, 1] or uint8.
     """
+    values = np.linspace(-3, 3, 7) if values is None else np.asarray(values)
     z = np.asarray(z, np.float32)
     zs = np.repeat(z[None], len(dims) * len(values), axis=0)
     for r, d in enumerate(dims):
@@ -212,7 +214,8 @@ def mdn_samples(x: np.ndarray, y: np.ndarray, xs: np.ndarray, ys: np.ndarray, ti
     ax.scatter(x, y, s=2, alpha=0.3, label="data")
     ax.scatter(xs, ys, s=2, alpha=0.3, label="samples from the model")
     ax.set_ylim(np.min(y) - 0.5, np.max(y) + 0.5)  # fixed, so that pictures at several tau compare
-    ax.set_xlabel("x"); ax.set_ylabel("y")
+    ax.set_xlabel("x")
+    ax.set_ylabel("y")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
@@ -232,7 +235,7 @@ def real_vs_dream(mdnrnn, decode, mu: np.ndarray, actions: np.ndarray, start: in
     from wmlib.dream import drive, start_from_frame
 
     steps = min(steps, len(actions) - start)
-    state = start_from_frame(mdnrnn, mu, actions, start)
+    state = start_from_frame(mdnrnn, jnp.asarray(mu), jnp.asarray(actions), start)
     out = drive(key, state, mdnrnn, jnp.asarray(tau, jnp.float32), jnp.asarray(actions[start:start + steps]),
                 jnp.zeros(steps, bool), Controller(mdnrnn.z_dim, mdnrnn.hidden))
     return {"frames": to_uint8(np.asarray(decode(out.z))), "reward": np.asarray(out.reward),

@@ -120,7 +120,7 @@ class DreamPlayer(W.VBox):
         self._drive, self._jnp = drive, jnp
         self.mdnrnn, self.decode, self.scale = mdnrnn, decode, scale
         self.controller = controller if controller is not None else Controller(mdnrnn.z_dim, mdnrnn.hidden)
-        self.state0 = start_from_frame(mdnrnn, mu, actions, start)
+        self.state0 = start_from_frame(mdnrnn, jnp.asarray(mu), jnp.asarray(actions), start)
         self.key = jax.random.PRNGKey(seed)
         self.manual = np.tile(np.array([0.0, 0.3, 0.0], np.float32), (max_steps, 1))
         self.use_controller = np.full(max_steps, controller is not None)

@@ -216,10 +216,10 @@ def jupyter_lab(chromium_path, tmp_path_factory) -> JupyterLab:
                     lab.api("GET", "/api/status", timeout=5)
                     urllib.request.urlopen(f"{lab.url}/lab?token={token}", timeout=30).read()
                     break
-                except (urllib.error.URLError, ConnectionError, TimeoutError):
+                except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"jupyter lab did not answer on {lab.url} within 120 s; "
-                                           f"log {log_path}:\n{lab.log_since(0)[-4000:]}")
+                                           f"log {log_path}:\n{lab.log_since(0)[-4000:]}") from e
                     time.sleep(0.5)
             yield lab
         finally:
