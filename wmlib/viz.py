@@ -79,34 +79,6 @@ def filmstrip_rows(rows: list[np.ndarray], start: int, stop: int, n: int = 9) ->
     return vstack([filmstrip(r, n=n, start=start, stop=stop) for r in rows], pad=4)
 
 
-def write_mp4(path, frames: list[np.ndarray], fps: int = 50):
-    """Write RGB frames as an H.264 mp4 (plays in browsers and notebooks), atomically."""
-    import os
-    import tempfile
-    from pathlib import Path
-
-    import imageio_ffmpeg
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    h, w = frames[0].shape[:2]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".mp4")
-    os.close(fd)
-    try:
-        writer = imageio_ffmpeg.write_frames(tmp, (w, h), fps=fps, codec="libx264", pix_fmt_out="yuv420p",
-                                             macro_block_size=1, output_params=["-loglevel", "error"])
-        writer.send(None)
-        for frame in frames:
-            writer.send(np.ascontiguousarray(to_uint8(frame)).tobytes())
-        writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 # ---- V: reconstructions and latent sweeps --------------------------------------------------------
 
 def recon_panel(frame: np.ndarray, recon: np.ndarray, scale: int = 3) -> np.ndarray:
