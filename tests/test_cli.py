@@ -85,6 +85,10 @@ def test_evaluate_prints_the_json_line_and_names_missing_parts(tmp_path):
     assert result["mean"] == pytest.approx(np.mean(result["scores"]))
     assert len(list((tmp_path / "videos").glob("*.mp4"))) == 2
     assert len(list((tmp_path / "videos" / "episodes").glob("*_worst.png"))) == 2
+    kept = last_json(wm("evaluate", "--agent", PRETRAINED_DIR, "--episodes", 1, "--seed", 5, "--max-steps", 40,
+                        "--workers", 1, "--save", tmp_path / "kept"))  # --save alone keeps the episodes
+    episode = load_episode(tmp_path / "kept" / "agent_000005.npz")
+    assert len(episode) == 40 and episode.total_reward == pytest.approx(kept["scores"][0], abs=1e-3)
     partial = tmp_path / "agent"
     partial.mkdir()
     (partial / "vae.eqx").write_bytes((PRETRAINED_DIR / "vae.eqx").read_bytes())

@@ -149,9 +149,9 @@ def cmd_evolve(args) -> None:
 def cmd_evaluate(args) -> None:
     from wmlib.evaluate import evaluate, write_media
 
-    save_dir = None
-    if args.video or args.filmstrip:
-        save_dir = Path(args.save or (Path(args.video or ".") / "episodes"))
+    save_dir = Path(args.save) if args.save else None  # media need the episodes: kept beside the videos by default
+    if save_dir is None and (args.video or args.filmstrip):
+        save_dir = Path(args.video or ".") / "episodes"
     result = evaluate(args.agent, args.episodes, seed=args.seed, workers=args.workers, max_steps=args.max_steps,
                       fast=not args.stock, save_dir=save_dir, z_mode=args.z_mode, batch=args.batch)
     if save_dir:
