@@ -43,7 +43,8 @@ def test_collect_writes_resumes_and_is_reproducible(tmp_path):
 
 def test_collect_bad_input_is_one_clear_line(tmp_path):
     proc = wm("collect", "--policy", "randm", "--out", tmp_path, check=False)
-    assert proc.returncode != 0 and "valid policies: random, brownian, heuristic, recovery, weave, controller" in proc.stderr
+    assert proc.returncode != 0
+    assert "valid policies: random, brownian, heuristic, recovery, weave, controller" in proc.stderr
     for flag in ("--episodes", "--workers"):
         proc = wm("collect", flag, 0, "--out", tmp_path, check=False)
         assert proc.returncode != 0 and "expected a positive integer, got 0" in proc.stderr
