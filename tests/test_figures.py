@@ -64,6 +64,16 @@ def test_picture_keeps_the_aspect_ratio_and_save_writes_a_png(tmp_path):
     assert saved.max() == 255 and saved.min() == 0
 
 
+def test_temperature_table_draws_dream_and_real_bars_at_their_values():
+    sweep = {"tau": [0.5, 1.0, 1.3], "dream_mean": [300.0, 200.0, 100.0], "dream_std": [10.0, 20.0, 30.0],
+             "real_mean": [-50.0, 20.0, 40.0], "real_std": [5.0, 6.0, 7.0], "episodes": 4, "seed": 0}
+    ax = figures.temperature_table(sweep).axes[0]
+    heights = [p.get_height() for p in ax.patches]
+    assert heights == sweep["dream_mean"] + sweep["real_mean"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0.5", "1", "1.3"]
+    assert "env seeds 0..3" in ax.get_legend().get_texts()[1].get_text()
+
+
 def test_score_histogram_counts_every_episode_and_names_the_seeds():
     fig = figures.score_histogram({"scores": [1.0, 2.0, 3.0], "mean": 2.0, "std": 0.8165, "seed": 5})
     ax = fig.axes[0]

@@ -28,6 +28,7 @@ FIGURES = {
     "03_temperature.png": "one dream start at three temperatures",
     "04_fitness.png": "CMA-ES in the dream: best and mean return per generation",
     "04_dream_rollout.png": "the shipped controller driving in the dream",
+    "04_temperature_table.png": "C evolved at each temperature: dream vs real score",
     "05_scores.png": "the shipped agent's real scores over 100 episodes",
     "05_worst_moment.png": "real / V / M around the worst moment of a real episode",
     "05_reward_prediction.png": "real reward and done vs M's predictions along a real episode",
@@ -191,6 +192,26 @@ def fitness(records: list[dict], title: str):
     return fig
 
 
+def temperature_table(sweep: dict):
+    """A temperature sweep (`pipeline.temperature_sweep`, tau_sweep.json): for the C evolved at each tau,
+    its dream return and its real return (mean +- std), side by side."""
+    plt = _plt()
+    tau = np.asarray(sweep["tau"])
+    x = np.arange(len(tau))
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.bar(x - 0.2, sweep["dream_mean"], 0.4, yerr=sweep["dream_std"], label="in the dream (at that tau)")
+    ax.bar(x + 0.2, sweep["real_mean"], 0.4, yerr=sweep["real_std"],
+           label=f"real, {sweep['episodes']} episodes "
+                 f"(env seeds {sweep['seed']}..{sweep['seed'] + sweep['episodes'] - 1})")
+    ax.axhline(0, color="0.5", lw=0.8)
+    ax.set_xticks(x, [f"{t:g}" for t in tau])
+    ax.set_xlabel("temperature tau the controller was evolved at")
+    ax.set_ylabel("return (mean +- std)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def score_histogram(result: dict, title: str = ""):
     """An evaluation result (`evaluate` / eval.json) -> histogram of its real episode scores."""
     plt = _plt()
@@ -255,10 +276,10 @@ def render_all(out_dir: str | os.PathLike, agent_dir: str | os.PathLike, data_di
     from wmlib.vae import decode_latents, encode_frames, reconstruct
 
     out, agent_dir, data_dir = Path(out_dir), Path(agent_dir), Path(data_dir)
-    for name in ("vae_metrics.jsonl", "mdnrnn_metrics.jsonl", "evolve_metrics.jsonl", "eval.json"):
+    for name in ("vae_metrics.jsonl", "mdnrnn_metrics.jsonl", "evolve_metrics.jsonl", "eval.json", "tau_sweep.json"):
         if not (agent_dir / name).is_file():
             raise FileNotFoundError(f"{agent_dir / name} is missing: --agent must be a folder like data/pretrained "
-                                    "(V, M, C, their *_metrics.jsonl and eval.json)")
+                                    "(V, M, C, their *_metrics.jsonl, eval.json and tau_sweep.json)")
     files = episode_files(data_dir)
     if not files:
         raise FileNotFoundError(f"no episodes (*.npz) in {data_dir}: --data must be a collection like data/sample")
@@ -308,6 +329,8 @@ def render_all(out_dir: str | os.PathLike, agent_dir: str | os.PathLike, data_di
     put("04_dream_rollout.png", picture(filmstrip(decode(np.asarray(traj.z)), n=10),
                                         f"the shipped controller in M's dream: return {float(ret):.0f} "
                                         f"over 200 steps"))
+
+    put("04_temperature_table.png", temperature_table(json.loads((agent_dir / "tau_sweep.json").read_text())))
 
     put("05_scores.png", score_histogram(json.loads((agent_dir / "eval.json").read_text())))
     real = run_episode(EpisodeSpec("controller", seed, 1000, True, {"agent": str(agent_dir)}))
