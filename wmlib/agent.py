@@ -27,6 +27,7 @@ from jaxtyping import Array, Float, UInt32, UInt8
 
 from wmlib.controller import Controller, check_fits, from_flat, load_controller, n_params, to_flat
 from wmlib.env import FRAME_SHAPE
+from wmlib.errors import WMError
 from wmlib.mdnrnn import MDNRNN, load_mdnrnn
 from wmlib.vae import load_vae
 
@@ -45,7 +46,7 @@ def part_path(folder: str | os.PathLike, part: str) -> Path:
 def check_compatible(vae, mdnrnn: MDNRNN, controller: Controller | None = None, where: str = "agent") -> None:
     """V, M and C must agree on z_dim (and C on M's hidden size)."""
     if vae.z_dim != mdnrnn.z_dim:
-        raise ValueError(f"{where}: V encodes z_dim {vae.z_dim} but M was trained on z_dim {mdnrnn.z_dim}")
+        raise WMError(f"{where}: V encodes z_dim {vae.z_dim} but M was trained on z_dim {mdnrnn.z_dim}")
     if controller is not None:
         check_fits(controller, mdnrnn.z_dim, mdnrnn.hidden, source=f"{where}: C")
 
@@ -101,7 +102,7 @@ class Agent:
     def __init__(self, vae, mdnrnn: MDNRNN, controller: Controller, z_mode: str = "sample"):
         check_compatible(vae, mdnrnn, controller)
         if z_mode not in Z_MODES:
-            raise ValueError(f"unknown z_mode {z_mode!r}; valid: {', '.join(Z_MODES)}")
+            raise WMError(f"unknown z_mode {z_mode!r}; valid: {', '.join(Z_MODES)}")
         self.vae, self.mdnrnn, self.controller, self.z_mode = vae, mdnrnn, controller, z_mode
         self.reset()
 
@@ -145,7 +146,7 @@ class AgentBatch:
                  z_mode: str = "sample"):
         check_compatible(vae, mdnrnn)
         if z_mode not in Z_MODES:
-            raise ValueError(f"unknown z_mode {z_mode!r}; valid: {', '.join(Z_MODES)}")
+            raise WMError(f"unknown z_mode {z_mode!r}; valid: {', '.join(Z_MODES)}")
         n = n_params(mdnrnn.z_dim, mdnrnn.hidden)
         if len(controller_params) != len(rngs):
             raise ValueError(f"controller_params: expected one flat controller per episode ({len(rngs)}), "

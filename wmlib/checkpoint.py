@@ -18,13 +18,14 @@ import equinox as eqx
 
 from wmlib import __version__
 from wmlib.files import atomic_write
+from wmlib.errors import WMError
 
 FORMAT = 1
 ModuleT = TypeVar("ModuleT")  # a module, or a pytree of modules and arrays (a training state)
 MAGIC = "wmlib-checkpoint"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(WMError):
     """A checkpoint file is missing, foreign, of the wrong kind, or from an incompatible version."""
 
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from wmlib import checkpoint
+from wmlib.errors import WMError
 
 ACTION_DIM = 3  # CarRacing: steer, gas, brake
 
@@ -71,7 +72,7 @@ def from_flat(vec: Float[Array, " n"], z_dim: int = 32, hidden: int = 256) -> Co
 def check_fits(controller: Controller, z_dim: int, hidden: int, source: str = "controller") -> None:
     """Fail with a clear message if `controller` was not made for a V with `z_dim` and an M with `hidden`."""
     if (controller.z_dim, controller.hidden) != (z_dim, hidden):
-        raise ValueError(
+        raise WMError(
             f"{source} expects z_dim={controller.z_dim}, hidden={controller.hidden} "
             f"({n_params(controller.z_dim, controller.hidden)} parameters) but V/M give z_dim={z_dim}, "
             f"hidden={hidden} ({n_params(z_dim, hidden)} parameters); evolve a controller for this V and M")

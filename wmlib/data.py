@@ -20,6 +20,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from wmlib.errors import WMError
 from wmlib.env import FRAME_SHAPE, offroad_steps, track_of_seed
 from wmlib.files import atomic_write, write_json
 
@@ -27,7 +28,7 @@ EPISODE_FORMAT = 1
 MANIFEST = "manifest.json"
 
 
-class EpisodeError(ValueError):
+class EpisodeError(WMError):
     """An episode file is missing, truncated, foreign, or inconsistent."""
 
 

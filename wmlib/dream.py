@@ -42,6 +42,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from wmlib.controller import Controller, check_fits, from_flat
+from wmlib.errors import WMError
 from wmlib.mdnrnn import MDNRNN, dropout_mask, sample_next_z
 
 START_MODES = ("warm", "real", "zero")
@@ -87,7 +88,7 @@ def make_start_bank(mus: Sequence[np.ndarray], logvars: Sequence[np.ndarray], ac
         picks = [p[np.asarray(ok, bool)[p]] for p, ok in zip(picks, start_ok)]
     starts = np.concatenate([f + p for f, p in zip(np.cumsum(lengths) - lengths, picks)])
     if not len(starts):
-        raise ValueError("make_start_bank: no frame is allowed as a start (start_ok is false everywhere)")
+        raise WMError("make_start_bank: no frame is allowed as a start (start_ok is false everywhere)")
     as_f32 = lambda xs: jnp.asarray(np.concatenate(xs), jnp.float32)  # noqa: E731
     return StartBank(as_f32(mus), as_f32(logvars), as_f32(actions), jnp.asarray(first, jnp.int32),
                      jnp.asarray(starts, jnp.int32), warmup)
@@ -107,17 +108,17 @@ class DreamParams(eqx.Module):
     def __init__(self, mdnrnn: MDNRNN, bank: StartBank | None = None, tau: float = 1.0,
                  max_steps: int = 1000, start: str = "warm", dropout: float = 0.0):
         if start not in START_MODES:
-            raise ValueError(f"unknown dream start mode {start!r}; valid modes: {', '.join(START_MODES)}")
+            raise WMError(f"unknown dream start mode {start!r}; valid modes: {', '.join(START_MODES)}")
         if start != "zero" and bank is None:
             raise ValueError(f"dream start mode {start!r} needs a StartBank of real encoded frames "
                              "(make_start_bank), or use start='zero'")
         if bank is not None and (bank.mu.shape[1], bank.action.shape[1]) != (mdnrnn.z_dim, mdnrnn.action_dim):
-            raise ValueError(f"the start bank has z_dim {bank.mu.shape[1]} and action_dim {bank.action.shape[1]}, "
+            raise WMError(f"the start bank has z_dim {bank.mu.shape[1]} and action_dim {bank.action.shape[1]}, "
                              f"M expects {mdnrnn.z_dim} and {mdnrnn.action_dim}")
         if not tau > 0 or max_steps < 1:
-            raise ValueError(f"need tau > 0 and max_steps >= 1, got tau={tau}, max_steps={max_steps}")
+            raise WMError(f"need tau > 0 and max_steps >= 1, got tau={tau}, max_steps={max_steps}")
         if not 0 <= dropout < 1:
-            raise ValueError(f"dream dropout must lie in [0, 1), got {dropout}")
+            raise WMError(f"dream dropout must lie in [0, 1), got {dropout}")
         self.mdnrnn, self.bank, self.max_steps, self.start = mdnrnn, bank, max_steps, start
         self.tau = jnp.asarray(tau, jnp.float32)  # arrays, so a new tau or dropout does not recompile
         self.dropout = jnp.asarray(dropout, jnp.float32)

@@ -278,11 +278,11 @@ def render_all(out_dir: str | os.PathLike, agent_dir: str | os.PathLike, data_di
     out, agent_dir, data_dir = Path(out_dir), Path(agent_dir), Path(data_dir)
     for name in ("vae_metrics.jsonl", "mdnrnn_metrics.jsonl", "evolve_metrics.jsonl", "eval.json", "tau_sweep.json"):
         if not (agent_dir / name).is_file():
-            raise FileNotFoundError(f"{agent_dir / name} is missing: --agent must be a folder like data/pretrained "
+            raise FileNotFoundError(f"{agent_dir / name} is missing: the agent folder must be like data/pretrained "
                                     "(V, M, C, their *_metrics.jsonl, eval.json and tau_sweep.json)")
     files = episode_files(data_dir)
     if not files:
-        raise FileNotFoundError(f"no episodes (*.npz) in {data_dir}: --data must be a collection like data/sample")
+        raise FileNotFoundError(f"no episodes (*.npz) in {data_dir}: the data must be a collection like data/sample")
     agent = Agent.load(agent_dir)
     vae, mdnrnn = agent.vae, agent.mdnrnn
     decode = lambda zs: decode_latents(vae, zs)  # noqa: E731

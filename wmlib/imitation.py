@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wmlib.controller import Controller, save_controller
+from wmlib.errors import WMError
 from wmlib.policies import HeuristicPolicy, Policy
 from wmlib.rollouts import EpisodeSpec, default_workers, parallel_map, run_episode
 
@@ -107,7 +108,7 @@ def imitation_bound(agent_dir: str | os.PathLike, heuristic_episodes: list, out:
     from wmlib.vae import load_vae
 
     if not heuristic_episodes:
-        raise ValueError("imitation_bound needs at least one heuristic episode to fit C to")
+        raise WMError("imitation_bound needs at least one heuristic episode to fit C to")
     check_seeds("training", seed, 1000 * max(rounds - 1, 0) + episodes_per_round, "imitation DAgger seeds")
     vae, _ = load_vae(part_path(agent_dir, "V"))
     mdnrnn, _ = load_mdnrnn(part_path(agent_dir, "M"))

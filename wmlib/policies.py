@@ -32,6 +32,7 @@ import numpy as np
 
 from wmlib.controller import squash
 from wmlib.env import preprocess
+from wmlib.errors import WMError
 
 ACTION_LOW = np.array([-1.0, 0.0, 0.0], np.float32)
 ACTION_HIGH = np.array([1.0, 1.0, 1.0], np.float32)
@@ -366,8 +367,8 @@ class ControllerPolicy(Policy):
 
     def __init__(self, agent=None, controller_params=None, z_mode: str = "sample"):
         if agent is None:
-            raise ValueError("policy 'controller' needs a trained agent: pass --agent DIR, a folder of V, M "
-                             "and C checkpoints (e.g. data/pretrained)")
+            raise WMError("policy 'controller' needs a trained agent: an agent folder of V, M and C "
+                          "checkpoints (e.g. data/pretrained)")
         if isinstance(agent, (str, os.PathLike)):
             from wmlib.agent import Agent
 
@@ -391,5 +392,5 @@ POLICIES: dict[str, type] = {p.name: p for p in
 def make_policy(name: str, **kwargs) -> Policy:
     """The policy called `name`, built with `kwargs` (e.g. `agent=` for "controller")."""
     if name not in POLICIES:
-        raise ValueError(f"unknown policy {name!r}; valid policies: {', '.join(POLICIES)}")
+        raise WMError(f"unknown policy {name!r}; valid policies: {', '.join(POLICIES)}")
     return POLICIES[name](**kwargs)

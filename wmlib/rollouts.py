@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from wmlib.data import Episode, EpisodeError, episode_name, load_episode, mirror_episode, save_episode, write_manifest
 from wmlib.env import make_env, preprocess
+from wmlib.errors import SetupError, WMError
 from wmlib.files import ensure_dir
 
 
@@ -142,7 +143,7 @@ def split_blocks(items: list, batch: int, workers: int) -> list[list]:
     """`items` cut into consecutive blocks of at most `batch`, as even as possible, and at least one
     block per worker while there are items enough (so 8 episodes on 2 workers are 2 blocks of 4)."""
     if batch < 1:
-        raise ValueError(f"batch (episodes a worker drives at once) must be a positive integer, got {batch}")
+        raise WMError(f"batch (episodes a worker drives at once) must be a positive integer, got {batch}")
     n = max(-(-len(items) // batch), min(workers, len(items)))
     return [items[i * len(items) // n:(i + 1) * len(items) // n] for i in range(n)]
 
@@ -167,7 +168,7 @@ def use_backend(name: str = "local", address: str | None = None) -> None:
     Both give identical episodes and scores for the same seeds: an episode depends only on its spec.
     """
     if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; valid: {', '.join(BACKENDS)}")
+        raise WMError(f"unknown backend {name!r}; valid: {', '.join(BACKENDS)}")
     if name == "ray":
         _connect_ray(address)
     _backend.update(name=name, address=address)
@@ -177,8 +178,8 @@ def _connect_ray(address: str | None) -> None:
     try:
         import ray
     except ImportError:
-        raise RuntimeError("--backend ray needs Ray: install it with `uv sync --extra ray` "
-                           "(or `pip install 'ray>=2.40'`)") from None
+        raise SetupError("the ray backend needs Ray: install it with `uv sync --extra ray` "
+                         "(or `pip install 'ray>=2.40'`)") from None
     if ray.is_initialized():
         return
     if address not in (None, "auto"):
@@ -208,7 +209,7 @@ def parallel_map(fn: Callable, items: list, workers: int, desc: str = "episodes"
     items (in `unit`s) and, when `frames_of(result)` is given, environment frames per second.
     """
     if workers < 1:
-        raise ValueError(f"workers must be a positive integer, got {workers}")
+        raise WMError(f"workers must be a positive integer, got {workers}")
     bar = tqdm(total=len(items), desc=desc, unit=unit, disable=not progress)
     frames, start = 0, time.perf_counter()
 
@@ -290,9 +291,9 @@ def collect(policy: str, episodes: int, out: str | os.PathLike, seed: int = 0, w
     from wmlib.policies import make_policy
 
     if episodes < 1:
-        raise ValueError(f"--episodes must be a positive integer, got {episodes}")
+        raise WMError(f"episodes must be a positive integer, got {episodes}")
     if max_steps < 1:
-        raise ValueError(f"--max-steps must be a positive integer, got {max_steps}")
+        raise WMError(f"max_steps must be a positive integer, got {max_steps}")
     make_policy(policy, **(policy_kwargs or {}))  # fail now, in the main process, on an unknown policy
     out = ensure_dir(out, "collection folder")
     workers = workers or default_workers()

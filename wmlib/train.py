@@ -26,13 +26,14 @@ import optax
 from tqdm.auto import tqdm
 
 from wmlib import checkpoint
+from wmlib.errors import WMError
 from wmlib.files import append_jsonl, atomic_write, read_jsonl
 
 
 ModelT = TypeVar("ModelT", bound=eqx.Module)
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(WMError, RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 

@@ -37,6 +37,7 @@ from jaxtyping import Array, Float, UInt8
 from wmlib import checkpoint
 from wmlib.config import VAEConfig
 from wmlib.data import FrameSampler, episode_files, load_episode, split_episodes
+from wmlib.errors import WMError
 from wmlib.fast import conv as fast_conv
 from wmlib.train import fit, make_step
 
@@ -266,7 +267,7 @@ def train_vae(data_dir: str | os.PathLike, run_dir: str | os.PathLike, cfg: VAEC
     """
     files = episode_files(data_dir)
     if not files:
-        raise ValueError(f"train_vae: collection folder {data_dir} holds no episodes")
+        raise WMError(f"train_vae: collection folder {data_dir} holds no episodes")
     train_files, val_files = _episode_split(files, cfg.val_episodes, cfg.seed)
     sampler = FrameSampler(train_files, cfg.batch_size, seed=cfg.seed, mirror=cfg.mirror)
     val = _validation_frames(val_files, cfg.val_frames, cfg.seed) if val_files else None
