@@ -11,7 +11,9 @@
     wm iterate --run DIR                            one more sim2real iteration of a pipeline run
     wm figures                                      the lessons' key figures into docs/figures/
 
-Every subcommand prints one clear line and exits non-zero on bad input.
+Every subcommand prints one clear line and exits non-zero on bad input (a `WMError` or an OSError);
+any other exception is a bug and shows its traceback. The commands that take --preset also take
+`--set section.field=value` (repeatable) for any setting of the preset (`config.parse_settings`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from wmlib.errors import WMError
 
 
 def _positive_int(text: str) -> int:
@@ -37,29 +41,33 @@ def cmd_collect(args) -> None:
     from wmlib.rollouts import collect
 
     if args.policy not in POLICIES:
-        raise ValueError(f"unknown policy {args.policy!r}; valid policies: {', '.join(POLICIES)}")
+        raise WMError(f"unknown policy {args.policy!r}; valid policies: {', '.join(POLICIES)}")
     kwargs = {"agent": args.agent} if args.agent else {}
     manifest = collect(args.policy, args.episodes, args.out, seed=args.seed, workers=args.workers,
                        max_steps=args.max_steps, mirror=args.mirror, fast=not args.stock, policy_kwargs=kwargs)
     print(json.dumps({"out": str(args.out), "episodes": len(manifest["episodes"]), "frames": manifest["frames"]}))
 
 
-def _preset(args):
-    from wmlib.config import get_preset
+def _preset(args, flags: dict | None = None):
+    """The preset of --preset with the --set settings, then the command's named flags (`flags`:
+    {"section.field": value or None}, shorthands for --set that win over it) applied."""
+    from wmlib.config import get_preset, parse_settings, with_settings
 
-    return get_preset(args.preset)
+    preset = get_preset(args.preset)
+    try:
+        settings = parse_settings(args.set or [])
+    except WMError as e:
+        raise WMError(f"--set {e}") from None
+    settings.update({k: v for k, v in (flags or {}).items() if v is not None})
+    return with_settings(preset, settings)
 
 
 def cmd_train_vae(args) -> None:
-    import dataclasses
-
     from wmlib.vae import train_vae
 
     from wmlib.files import read_jsonl
 
-    cfg = _preset(args).vae
-    if args.steps:
-        cfg = dataclasses.replace(cfg, steps=args.steps)
+    cfg = _preset(args, {"vae.steps": args.steps}).vae
     train_vae(args.data, args.out, cfg)
     val = [r for r in read_jsonl(Path(args.out) / "metrics.jsonl") if "val_pixel_mse" in r]
     if val:  # the quality bar: held-out MSE against always predicting the mean frame
@@ -75,23 +83,16 @@ def cmd_encode(args) -> None:
 
 
 def cmd_train_rnn(args) -> None:
-    import dataclasses
-
     from wmlib.data import load_encoded
     from wmlib.mdnrnn import train_mdnrnn
     from wmlib.pipeline import vae_id_of
 
-    cfg = _preset(args).rnn
-    if args.epochs:
-        cfg = dataclasses.replace(cfg, epochs=args.epochs)
-    if args.reward_asymmetry is not None:
-        if args.reward_asymmetry <= 0:
-            raise ValueError(f"--reward-asymmetry must be positive, got {args.reward_asymmetry}")
-        cfg = dataclasses.replace(cfg, reward_asymmetry=args.reward_asymmetry)
-    if args.dropout is not None:
-        if not 0 <= args.dropout < 1:
-            raise ValueError(f"--dropout must lie in [0, 1), got {args.dropout}")
-        cfg = dataclasses.replace(cfg, dropout=args.dropout)
+    if args.reward_asymmetry is not None and args.reward_asymmetry <= 0:
+        raise WMError(f"--reward-asymmetry must be positive, got {args.reward_asymmetry}")
+    if args.dropout is not None and not 0 <= args.dropout < 1:
+        raise WMError(f"--dropout must lie in [0, 1), got {args.dropout}")
+    cfg = _preset(args, {"rnn.epochs": args.epochs, "rnn.reward_asymmetry": args.reward_asymmetry,
+                         "rnn.dropout": args.dropout}).rnn
     vae_id = vae_id_of(args.vae)
     init = None
     if args.init:
@@ -99,26 +100,20 @@ def cmd_train_rnn(args) -> None:
 
         init, header = load_mdnrnn(args.init)
         if header["extra"].get("vae_id") != vae_id:
-            raise ValueError(f"--init {args.init} was trained on latents of V {header['extra'].get('vae_id')}, "
+            raise WMError(f"--init {args.init} was trained on latents of V {header['extra'].get('vae_id')}, "
                              f"not of --vae {args.vae} ({vae_id})")
     train_mdnrnn(load_encoded(args.data, vae_id), args.out, cfg, vae_id, init=init)
 
 
 def cmd_evolve(args) -> None:
-    import dataclasses
-
     import numpy as np
 
     from wmlib.pipeline import evolve_in_dream, evolve_in_real, vae_id_of
 
-    cfg = _preset(args).evolve
-    changes = {k: v for k, v in {"optimizer": args.optimizer, "generations": args.generations,
-                                  "popsize": args.popsize, "repeats": args.repeats, "sigma0": args.sigma0,
-                                  "tau": args.tau, "frame_budget": args.frame_budget,
-                                  "dream_dropout": args.dream_dropout}.items() if v is not None}
     if args.frame_budget is not None and args.frame_budget <= 0:
-        raise ValueError(f"--frame-budget must be a positive number of real frames, got {args.frame_budget}")
-    cfg = dataclasses.replace(cfg, **changes)
+        raise WMError(f"--frame-budget must be a positive number of real frames, got {args.frame_budget}")
+    cfg = _preset(args, {f"evolve.{k}": getattr(args, k) for k in (
+        "optimizer", "generations", "popsize", "repeats", "sigma0", "tau", "frame_budget", "dream_dropout")}).evolve
     agent = Path(args.agent)
     x0 = None
     if args.init:
@@ -130,7 +125,7 @@ def cmd_evolve(args) -> None:
 
             for part in ("V", "M"):
                 if vae_id_of(part_path(init, part)) != vae_id_of(part_path(agent, part)):
-                    raise ValueError(f"--init {init}: its {PARTS[part]} differs from --agent {agent}'s; a C "
+                    raise WMError(f"--init {init}: its {PARTS[part]} differs from --agent {agent}'s; a C "
                                      f"only fits the V and M it was evolved with")
             init = part_path(init, "C")
         x0 = np.asarray(to_flat(load_controller(init)[0]))
@@ -139,7 +134,7 @@ def cmd_evolve(args) -> None:
                                 fast=not args.stock, batch=args.batch, patience=args.patience or None)
     else:
         if not args.data:
-            raise ValueError("--data (an encoded collection to start dreams from) is needed with --where dream")
+            raise WMError("--data (an encoded collection to start dreams from) is needed with --where dream")
         result = evolve_in_dream(agent, Path(args.data), vae_id_of(agent / "vae.eqx"), Path(args.out), cfg, x0=x0,
                                  workers=args.workers, fast=not args.stock)
     print(json.dumps({"best_return": result.best_return, "where": args.where, "generations": result.generations,
@@ -147,7 +142,8 @@ def cmd_evolve(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from wmlib.evaluate import evaluate, write_media
+    from wmlib.evaluate import evaluate
+    from wmlib.sim2real import write_media
 
     save_dir = Path(args.save) if args.save else None  # media need the episodes: kept beside the videos by default
     if save_dir is None and (args.video or args.filmstrip):
@@ -164,8 +160,10 @@ def cmd_evaluate(args) -> None:
 def cmd_iterate(args) -> None:
     from wmlib.pipeline import Stages, format_summary, iterate, summary
 
+    from wmlib.config import preset_from_dict
+
     run = Path(args.run)
-    preset = _preset(argparse.Namespace(preset=json.loads((run / "config.json").read_text())["name"]))
+    preset = preset_from_dict(json.loads((run / "config.json").read_text()))  # the settings the run started with
     stages = Stages(run)
     i = 1 + sum(1 for k in stages.done if k.startswith("iter_") and k.endswith("/evaluate"))
     iterate(run, i, preset, stages, args.workers, fast=not args.stock)
@@ -201,7 +199,7 @@ def cmd_imitate(args) -> None:
 
     files = [p for p in episode_files(args.data) if p.name.startswith("heuristic_")][:args.fit_episodes]
     if not files:
-        raise ValueError(f"--data {args.data} holds no heuristic episodes (heuristic_*.npz) to fit C to")
+        raise WMError(f"--data {args.data} holds no heuristic episodes (heuristic_*.npz) to fit C to")
     result = imitation_bound(args.agent, [load_episode(p) for p in files], args.out, rounds=args.rounds,
                              episodes_per_round=args.episodes, seed=args.seed, workers=args.workers)
     write_json(Path(args.out) / "imitation.json", result)
@@ -214,9 +212,9 @@ def cmd_fidelity(args) -> None:
     try:
         horizons = sorted({int(h) for h in args.horizons.split(",")})
     except ValueError:
-        raise ValueError(f"--horizons must be comma-separated positive integers, got {args.horizons!r}") from None
+        raise WMError(f"--horizons must be comma-separated positive integers, got {args.horizons!r}") from None
     if horizons[0] < 1:
-        raise ValueError(f"--horizons must be comma-separated positive integers, got {args.horizons!r}")
+        raise WMError(f"--horizons must be comma-separated positive integers, got {args.horizons!r}")
     out = Path(args.out or Path(args.evolve) / "fidelity")
     report = fidelity_report(args.agent, args.data, args.evolve, _preset(args).evolve, out,
                              controllers=args.controllers, real_episodes=args.real_episodes,
@@ -232,15 +230,12 @@ def cmd_fidelity(args) -> None:
 
 
 def cmd_tau_sweep(args) -> None:
-    import dataclasses
-
     from wmlib.pipeline import temperature_sweep
 
     taus = [float(t) for t in args.taus.split(",")]
     if min(taus) <= 0:
-        raise ValueError(f"--taus must be positive temperatures, got {args.taus!r}")
-    cfg = dataclasses.replace(_preset(args).evolve, **{k: v for k, v in {
-        "generations": args.generations, "popsize": args.popsize, "repeats": args.repeats}.items() if v})
+        raise WMError(f"--taus must be positive temperatures, got {args.taus!r}")
+    cfg = _preset(args, {f"evolve.{k}": getattr(args, k) for k in ("generations", "popsize", "repeats")}).evolve
     result = temperature_sweep(Path(args.agent), Path(args.data), Path(args.out), cfg, taus, args.episodes,
                                seed=args.seed, max_steps=args.max_steps, workers=args.workers, fast=not args.stock)
     print(json.dumps({k: result[k] for k in ("tau", "dream_mean", "real_mean", "real_std")}))
@@ -274,8 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
     backend_args(p)
     p.set_defaults(func=cmd_collect)
 
+    def settings_arg(p):
+        p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                       help="change any setting of the preset, e.g. evolve.generations=10 or "
+                            "collect.policies=brownian,recovery (repeatable; named options win)")
+
     def preset_arg(p):
         p.add_argument("--preset", default=None, help=f"{', '.join(PRESETS)} (default: $WM_PRESET or quick)")
+        settings_arg(p)
 
     def env_args(p):
         p.add_argument("--workers", type=_positive_int, default=None, help="worker processes (default: all cores)")
@@ -418,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="quick", help=f"{', '.join(PRESETS)} (default quick; results: the shipped "
                                                      "agent)")
     p.add_argument("--run", default=None, help="run folder (default runs/pipeline_PRESET)")
+    settings_arg(p)
     env_args(p)
     p.set_defaults(func=cmd_pipeline)
     return parser
@@ -439,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wm {args.command}: interrupted; finished work is saved, run the same command to resume",
               file=sys.stderr)
         return 130
-    except (ValueError, OSError, RuntimeError, ConnectionError) as e:
+    except (WMError, OSError) as e:  # a user error: one line; anything else is a bug, shown with its traceback
         print(f"wm {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

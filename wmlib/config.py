@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from wmlib.errors import WMError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PRETRAINED_DIR = PROJECT_ROOT / "data" / "pretrained"
@@ -39,7 +44,7 @@ def check_seeds(use: str, first: int, count: int, what: str) -> None:
         raise ValueError(f"unknown seed use {use!r}; valid: {', '.join(SEED_RANGES)}")
     r = SEED_RANGES[use]
     if count < 1 or first not in r or first + count - 1 not in r:
-        raise ValueError(f"{what}: env seeds {first}..{first + count - 1} are not all in the {use} range "
+        raise WMError(f"{what}: env seeds {first}..{first + count - 1} are not all in the {use} range "
                          f"{r.start}..{r.stop - 1} (the ranges: " +
                          ", ".join(f"{k} {v.start}..{v.stop - 1}" for k, v in SEED_RANGES.items()) + ")")
 
@@ -68,7 +73,7 @@ class CollectConfig:
     def plan(self) -> list[tuple[str, int]]:
         """[(policy, episodes)] of the initial collection."""
         if self.episodes and len(self.episodes) != len(self.policies):
-            raise ValueError(f"collect.episodes has {len(self.episodes)} entries for {len(self.policies)} policies")
+            raise WMError(f"collect.episodes has {len(self.episodes)} entries for {len(self.policies)} policies")
         return list(zip(self.policies, self.episodes or (self.episodes_per_policy,) * len(self.policies)))
 
 
@@ -196,5 +201,143 @@ def get_preset(name: str | None = None) -> Preset:
     source = "argument" if name else "WM_PRESET"
     name = name or os.environ.get("WM_PRESET") or "quick"
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r} (from {source}); valid presets: {', '.join(PRESETS)}")
+        raise WMError(f"unknown preset {name!r} (from {source}); valid presets: {', '.join(PRESETS)}")
     return PRESETS[name]
+
+
+# ---- settings by name: "section.field=value" --------------------------------------------------------
+# Every field of every section of a preset (and the preset's own `iterations`) is a setting called
+# "section.field" ("iterations" for the top level): `parse_settings` reads "name=value" texts by the
+# field's type, `with_settings` applies them, `changed_settings` compares a stored run's with a new one.
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+_KINDS = {bool: "true or false (bool)", int: "an integer (int)", float: "a number (float)", str: "text (str)"}
+
+
+def setting_types() -> dict[str, Any]:
+    """Every setting of a preset by name ("evolve.generations", "iterations") -> the field's type."""
+    out: dict[str, Any] = {}
+    hints = typing.get_type_hints(Preset)
+    for f in dataclasses.fields(Preset):
+        if f.name == "name":
+            continue
+        section = hints[f.name]
+        if dataclasses.is_dataclass(section):
+            inner = typing.get_type_hints(section)
+            out.update({f"{f.name}.{g.name}": inner[g.name] for g in dataclasses.fields(section)})
+        else:
+            out[f.name] = section
+    return out
+
+
+def _describe(typ: Any) -> str:
+    if typing.get_origin(typ) is tuple:
+        return f"comma-separated values, each {_describe(typing.get_args(typ)[0])}"
+    return _KINDS.get(typ, str(typ))
+
+
+def _setting_type(name: str) -> Any:
+    types = setting_types()
+    if name in types:
+        return types[name]
+    if name == "name":
+        raise WMError("name: the preset's name is not a setting; choose another preset instead")
+    section, _, field_name = name.rpartition(".")
+    sections = list(dict.fromkeys(k.split(".")[0] for k in types if "." in k))
+    if section in sections:
+        fields = [k.split(".", 1)[1] for k in types if k.startswith(section + ".")]
+        raise WMError(f"{name}: {section} has no setting {field_name!r}; its settings: {', '.join(fields)}")
+    raise WMError(f"{name}: no such setting; settings are section.field with section one of "
+                  f"{', '.join(sections)}, or {', '.join(k for k in types if '.' not in k)}")
+
+
+def parse_value(name: str, text: str) -> Any:
+    """The text `text` read as the value of setting `name` by its field's type: bool (true/false,
+    yes/no, on/off, 1/0), int, float, str, or a tuple as comma-separated items (empty: ())."""
+    typ = _setting_type(name)
+    if typing.get_origin(typ) is tuple:
+        item = typing.get_args(typ)[0]
+        parts = [t.strip() for t in text.split(",")] if text.strip() else []
+        try:
+            return tuple(_parse(item, t) for t in parts)
+        except ValueError:
+            raise WMError(f"{name}: expected {_describe(typ)}, got {text!r}") from None
+    try:
+        return _parse(typ, text)
+    except ValueError:
+        raise WMError(f"{name}: expected {_describe(typ)}, got {text!r}") from None
+
+
+def _parse(typ: Any, text: str) -> Any:
+    if typ is bool:
+        if text.strip().lower() not in _TRUE + _FALSE:
+            raise ValueError(text)
+        return text.strip().lower() in _TRUE
+    if typ in (int, float):
+        return typ(text)
+    if typ is str:
+        return text
+    raise TypeError(f"settings of type {typ} cannot be read from text")
+
+
+def parse_settings(texts: Iterable[str]) -> dict[str, Any]:
+    """"section.field=value" texts -> {"section.field": value}, each value read by its field's type
+    (`parse_value`); an unknown setting or a value of the wrong type is a `WMError` naming the setting
+    and what it expects. A later text for the same setting wins."""
+    out = {}
+    for text in texts:
+        name, eq, value = text.partition("=")
+        if not eq or not name.strip():
+            raise WMError(f"{text!r} is not a setting: expected section.field=value, e.g. evolve.generations=10")
+        out[name.strip()] = parse_value(name.strip(), value)
+    return out
+
+
+def with_settings(preset: Preset, settings: Mapping[str, Any]) -> Preset:
+    """`preset` with `settings` {"section.field": value} changed (text values are read by the field's
+    type, lists become tuples); an unknown setting is a `WMError` that lists the valid ones."""
+    top: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {}
+    for name, value in settings.items():
+        typ = _setting_type(name)
+        if isinstance(value, str) and typ is not str:
+            value = parse_value(name, value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        section, _, field_name = name.rpartition(".")
+        if section:
+            sections.setdefault(section, {})[field_name] = value
+        else:
+            top[name] = value
+    for section, changes in sections.items():
+        top[section] = dataclasses.replace(getattr(preset, section), **changes)
+    return dataclasses.replace(preset, **top)
+
+
+def flat_settings(config: Preset | Mapping[str, Any]) -> dict[str, Any]:
+    """A preset (or its `to_dict()`, e.g. read from a run's config.json) as {"section.field": value},
+    with "name" too; lists become tuples."""
+    d = config.to_dict() if isinstance(config, Preset) else config
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        items = [(f"{k}.{g}", w) for g, w in v.items()] if isinstance(v, Mapping) else [(k, v)]
+        out.update((name, tuple(w) if isinstance(w, list) else w) for name, w in items)
+    return out
+
+
+def preset_from_dict(d: Mapping[str, Any]) -> Preset:
+    """The preset a `to_dict()` describes (a run's config.json). Fields it lacks (the run is older than
+    they are) take their dataclass defaults, the behaviour before they existed; fields it has that no
+    longer exist are dropped."""
+    known = setting_types()
+    flat = flat_settings(d)
+    return with_settings(Preset(name=flat.get("name", "")), {k: v for k, v in flat.items() if k in known})
+
+
+def changed_settings(before: Preset, after: Preset, growable: Iterable[str] = ()) -> list[str]:
+    """"name: old -> new" for every setting (and the preset's name) that differs between `before` and
+    `after`, except the `growable` ones (e.g. "iterations") when they only grew."""
+    old, new = flat_settings(before), flat_settings(after)
+    grows = set(growable)
+    return [f"{k}: {old[k]!r} -> {v!r}" for k, v in new.items()
+            if old[k] != v and not (k in grows and v > old[k])]

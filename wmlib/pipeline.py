@@ -1,7 +1,8 @@
 """The whole method as one resumable run: collect -> V -> encode -> M -> evolve -> evaluate -> iterate.
 
 A run folder holds every stage's output:
-  config.json       the preset the run was started with
+  config.json       the preset the run was started with (every setting); a resume with other settings
+                    refuses and names them, except more sim2real iterations (`GROWABLE`)
   data/             real episodes of every policy (and, after iterations, the agent's own), encoded/
   vae/ mdnrnn/      checkpoints and metrics of V and M
   evolve/           the CMA-ES state, history and metrics, the best dream controller, and (with
@@ -28,11 +29,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wmlib.config import Preset, check_seeds
+from wmlib.config import Preset, changed_settings, check_seeds, preset_from_dict
 from wmlib.data import load_encoded, read_manifest
+from wmlib.errors import WMError
 from wmlib.files import read_jsonl, write_json
 
 DATA_SEED_STRIDE = 100_000  # policy k / iteration i collect on env seeds base + stride * (k or i)
+GROWABLE = ("iterations",)  # settings a resumed run may raise: the done stages stay valid, new ones follow
 
 
 def iteration_seed(preset: Preset, i: int) -> int:
@@ -415,15 +418,21 @@ def export_agent(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
 
 
 def run_pipeline(preset: Preset, run_dir: str | os.PathLike, workers: int | None = None, fast: bool = True) -> str:
-    """Run (or resume) every stage of `preset` in `run_dir`; returns the summary table."""
+    """Run (or resume) every stage of `preset` in `run_dir`; returns the summary table.
+
+    The first start writes RUN_DIR/config.json; a resume with other settings refuses and names each
+    difference ("section.field: old -> new"), except settings in `GROWABLE` that grew (more iterations).
+    """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.json"
-    if config_path.exists() and json.loads(config_path.read_text())["name"] != preset.name:
-        raise ValueError(f"{run_dir} holds a run of preset {json.loads(config_path.read_text())['name']!r}; "
-                         f"use another --run folder for preset {preset.name!r}")
     check_seed_plan(preset)
-    write_json(config_path, preset.to_dict())
+    before = preset_from_dict(json.loads(config_path.read_text())) if config_path.exists() else None
+    if before is not None and (changed := changed_settings(before, preset, GROWABLE)):
+        raise WMError(f"{run_dir} holds a run with other settings ({'; '.join(changed)}); resume it with the "
+                      "same settings or start a new run folder")
+    if before != preset:  # the first start, or more iterations: written, else left as it is
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(config_path, preset.to_dict())
     stages = Stages(run_dir)
     train_stages(run_dir, preset, stages, workers, fast)
     for i in range(1, preset.iterations + 1):
