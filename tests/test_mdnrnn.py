@@ -1,5 +1,6 @@
 """M: the LSTM and the MDN against independent numpy/scipy code, sampling, losses, training, files."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -142,6 +143,96 @@ def test_temperature_flattens_the_mixture_and_widens_the_gaussians():
         np.testing.assert_allclose(s[s < 0].std(), np.sqrt(tau), rtol=0.03)
     cold = mixture_samples(out, 0.01, n=10_000)[:, 0]
     assert np.all(cold < 0) and cold.std() < 0.15  # near-greedy: the likely component, narrow
+
+
+def numpy_cell(model, h, c, z, a, mask=None):
+    """One plain-numpy LSTM step with M's weights (and an optional dropout mask) -> (h, c)."""
+    x = np.concatenate([z, a])
+    if mask is not None:
+        x, h = x * np.asarray(mask[0]), h * np.asarray(mask[1])
+    g = np.concatenate([x, h]) @ np.asarray(model.weight, np.float64) + np.asarray(model.bias, np.float64)
+    i, f, gg, o = g[:H], g[H:2 * H], g[2 * H:3 * H], g[3 * H:]
+    c = sigmoid(f) * c + sigmoid(i) * np.tanh(gg)
+    return sigmoid(o) * np.tanh(c), c
+
+
+def loss_inputs(rng, B=1, T=5):
+    z_seq = jnp.asarray(rng.normal(size=(B, T, Z)), jnp.float32)
+    a_seq = jnp.asarray(rng.uniform(-1, 1, size=(B, T, A)), jnp.float32)
+    z_next = jnp.asarray(rng.normal(size=(B, T, Z)), jnp.float32)
+    reward, done = jnp.asarray(rng.normal(size=(B, T)), jnp.float32), jnp.zeros((B, T))
+    return z_seq, a_seq, z_next, reward, done
+
+
+def test_overshoot_off_is_the_one_step_loss_bit_for_bit(model):
+    """overshoot=0 (the default) is the old loss and the old gradient exactly, whatever w_overshoot;
+    with overshoot on, the other terms stay as they were and the new one is added with its weight."""
+    args = (*loss_inputs(np.random.default_rng(4), B=2), jnp.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], jnp.float32))
+    def loss_and_grad(**kw):
+        return eqx.filter_jit(eqx.filter_value_and_grad(lambda m: mdnrnn_loss(m, *args, **kw), has_aux=True))(model)
+
+    ((l0, a0), g0), ((l1, a1), g1) = loss_and_grad(), loss_and_grad(overshoot=0, w_overshoot=5.0)
+    assert float(l0) == float(l1) and a0 == a1 and set(a0) == {"nll", "reward_loss", "done_loss"}
+    assert all(bool(jnp.all(x0 == x1)) for x0, x1 in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)))
+    (l3, a3), _ = loss_and_grad(overshoot=3, w_overshoot=0.5)
+    np.testing.assert_allclose([a3[k] for k in a0], [a0[k] for k in a0], rtol=1e-6)
+    np.testing.assert_allclose(l3, l0 + 0.5 * a3["overshoot_nll"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_overshoot_one_step_matches_hand_computation(model, dropout):
+    """K = 1 on one sequence: from each teacher-forced state feed M's expected z (sum_k softmax(logits)_k
+    mu_k) and the real next action, score the real z two frames ahead; numpy and scipy by hand."""
+    from wmlib.mdnrnn import dropout_mask
+
+    T = 5
+    z_seq, a_seq, z_next, reward, done = loss_inputs(np.random.default_rng(7), T=T)
+    mask = jnp.array([[1, 1, 1, 1, 0]], jnp.float32)  # the last step is padding
+    drop = dropout_mask(jax.random.PRNGKey(3), 0.3, Z + A, H) if dropout else None
+    masks = None if drop is None else jax.tree.map(lambda m: m[None], drop)
+    _, aux = mdnrnn_loss(model, z_seq, a_seq, z_next, reward, done, mask, masks=masks, overshoot=1)
+
+    zs, acts, targets = (np.asarray(x[0], np.float64) for x in (z_seq, a_seq, z_next))
+    h, c, nlls = np.zeros(H), np.zeros(H), []
+    for t in range(T - 2):  # pairs (t, t + 1) both inside the window: t = 0, 1, 2
+        h, c = numpy_cell(model, h, c, zs[t], acts[t], drop)  # teacher-forced: (h_{t+1}, c_{t+1})
+        logits, mu, *_ = numpy_heads(model, h)
+        z_hat = (np.exp(logits - logsumexp(logits, axis=-1, keepdims=True)) * mu).sum(-1)  # E[z_{t+1}]
+        h2, _ = numpy_cell(model, h, c, z_hat, acts[t + 1], drop)
+        logits2, mu2, log_sigma2, *_ = numpy_heads(model, h2)
+        out2 = MDNOutputs(logits2, mu2, log_sigma2, 0.0, 0.0)
+        nlls.append(-scipy_log_prob(out2, targets[t + 1]).mean())  # z_{t+2}
+    np.testing.assert_allclose(aux["overshoot_nll"], np.mean(nlls), rtol=1e-5)
+
+
+def test_overshoot_masks_what_lies_past_the_window(model):
+    """Term (t, k) counts only when z_t .. z_{t+k+1} are all in the window, so a padded window gives
+    the loss of the same window cut short (what stands in the padding changes nothing)."""
+    from wmlib.mdnrnn import open_loop_log_prob
+
+    T, steps = 6, 3
+    z_seq, a_seq, z_next, reward, done = loss_inputs(np.random.default_rng(8), B=2, T=T)
+    mask = jnp.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], jnp.float32)
+    states = model.state_sequence(z_seq[1], a_seq[1])
+    out = jax.vmap(model.heads)(states[0])
+    _, valid = eqx.filter_jit(open_loop_log_prob)(model, states, out, a_seq[1], z_next[1], mask[1], steps)
+    t, k = np.meshgrid(np.arange(T), np.arange(1, steps + 1), indexing="ij")
+    np.testing.assert_array_equal(valid, (t + k <= 3).astype(np.float32))  # the last real target: z_next[3]
+
+    loss = jax.jit(lambda *xs: mdnrnn_loss(model, *xs, overshoot=steps)[1]["overshoot_nll"])
+    padded = (z_seq[1:], a_seq[1:], z_next[1:], reward[1:], done[1:], mask[1:])
+    np.testing.assert_allclose(loss(*padded), loss(*(x[:, :4] for x in padded)), rtol=1e-6)
+
+
+def test_overshoot_gradients_are_finite_and_reach_the_lstm(model):
+    from wmlib.mdnrnn import dropout_mask
+
+    args = (*loss_inputs(np.random.default_rng(10), B=2), jnp.ones((2, 5)))
+    masks = jax.vmap(lambda k: dropout_mask(k, 0.2, Z + A, H))(jax.random.split(jax.random.PRNGKey(0), 2))
+    only_overshoot = dict(w_mdn=0.0, w_reward=0.0, w_done=0.0, overshoot=4, masks=masks)
+    g = eqx.filter_jit(eqx.filter_grad(lambda m: mdnrnn_loss(m, *args, **only_overshoot)[0]))(model)
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(g))
+    assert float(jnp.abs(g.weight).max()) > 0 and float(jnp.abs(g.head_weight).max()) > 0
 
 
 def batch_from(model, rng, B=3, T=6, true_mu=False):

@@ -110,6 +110,8 @@ class RNNConfig:
     done_pos_weight: float = 1.0   # weight of the rare positive done targets in the BCE
     dropout: float = 0.0           # dropout on the LSTM's inputs and recurrent state in training
     sample_z: bool = True          # learn from z ~ N(mu, sigma^2) (the paper) or from V's means mu
+    overshoot: int = 0             # K open-loop steps in the loss (M feeds back its expected z; 0: off)
+    w_overshoot: float = 1.0       # weight of that K-step NLL
     epochs: int = 20
     val_episodes: int = 2
     seed: int = 0

@@ -122,14 +122,23 @@ class MDNRNN(eqx.Module):
         state = self.advance(state, z, a, mask)
         return state, self.heads(state[0])
 
+    def state_sequence(self, z_seq: Float[Array, "T z_dim"], a_seq: Float[Array, "T action_dim"],
+                       state: LSTMState | None = None, mask: DropoutMask | None = None
+                       ) -> tuple[Float[Array, "T hidden"], Float[Array, "T hidden"]]:
+        """The LSTM alone over a sequence from `state` (default zeros), one lax.scan -> the states
+        (h_{t+1}, c_{t+1}) after every step, each (T, hidden); `mask` (dropout) is the same at every step."""
+        return self._scan(z_seq, a_seq, state, mask, keep_cell=True)
+
     def forward_sequence(self, z_seq: Float[Array, "T z_dim"], a_seq: Float[Array, "T action_dim"],
                          state: LSTMState | None = None, mask: DropoutMask | None = None) -> MDNOutputs:
-        """Run over a sequence from `state` (default zeros) as one lax.scan -> outputs with a time axis;
-        `mask` (dropout) is the same at every step.
+        """Run over a sequence from `state` (default zeros) -> outputs with a time axis; `mask`
+        (dropout) is the same at every step. The heads are applied to all steps at once."""
+        hs, _ = self._scan(z_seq, a_seq, state, mask, keep_cell=False)
+        return jax.vmap(self.heads)(hs)
 
-        The input projection and the heads are applied to all steps at once, outside the scan; only
-        the recurrent matmul stays inside it.
-        """
+    def _scan(self, z_seq, a_seq, state, mask, keep_cell: bool):
+        # The input projection is applied to all steps at once, outside the scan; only the recurrent
+        # matmul stays inside it. Without `keep_cell` only h is stacked (a lighter backward pass).
         n_in = self.z_dim + self.action_dim
         x = jnp.concatenate([z_seq, a_seq], axis=-1)
         m_h = 1.0 if mask is None else mask[1]
@@ -138,10 +147,10 @@ class MDNRNN(eqx.Module):
 
         def body(carry, gx):
             h, c = self._cell(gx + (carry[0] * m_h) @ w_h, carry[1])
-            return (h, c), h
+            return (h, c), ((h, c) if keep_cell else (h, None))
 
-        _, hs = jax.lax.scan(body, self.initial_state() if state is None else state, gates_x)
-        return jax.vmap(self.heads)(hs)
+        _, states = jax.lax.scan(body, self.initial_state() if state is None else state, gates_x)
+        return states
 
 
 def mdn_log_prob(out: MDNOutputs, z: Float[Array, "... z_dim"]) -> Float[Array, "... z_dim"]:
@@ -150,6 +159,12 @@ def mdn_log_prob(out: MDNOutputs, z: Float[Array, "... z_dim"]) -> Float[Array, 
     x = (z[..., None] - out.mu) * jnp.exp(-log_sigma)
     log_normal = -0.5 * x * x - log_sigma - LOG_SQRT_2PI
     return jax.nn.logsumexp(jax.nn.log_softmax(out.logits, axis=-1) + log_normal, axis=-1)
+
+
+def mdn_mean(out: MDNOutputs) -> Float[Array, "... z_dim"]:
+    """The expected value of each latent dimension's mixture: sum_k softmax(logits)_k * mu_k.
+    Differentiable, so a prediction fed back as M's next input passes gradients through."""
+    return jnp.sum(jax.nn.softmax(out.logits, axis=-1) * out.mu, axis=-1)
 
 
 def sample_next_z(key: jax.Array, out: MDNOutputs, tau: float | Float[Array, ""] = 1.0
@@ -181,13 +196,49 @@ def _masked_mean(x: Array, mask: Array) -> Array:
     return jnp.sum(jnp.where(mask > 0, x, 0.0)) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
+def open_loop_log_prob(model: MDNRNN, states: tuple[Float[Array, "T hidden"], Float[Array, "T hidden"]],
+                       out: MDNOutputs, a_seq: Float[Array, "T action_dim"], z_next: Float[Array, "T z_dim"],
+                       z_mask: Float[Array, " T"], steps: int, mask: DropoutMask | None = None
+                       ) -> tuple[Float[Array, "T K z_dim"], Float[Array, "T K"]]:
+    """M predicting K = `steps` frames ahead on its own, from every step of ONE teacher-forced sequence.
+
+    `states` (h_{t+1}, c_{t+1}) and `out` (its predictions of z_{t+1}) come from `state_sequence` and
+    `heads` over the real inputs. From each t, M runs open-loop: it feeds back its own expected next
+    latent (`mdn_mean`) with the REAL next action,
+        s_{t,0} = s_{t+1},   zhat_{t,k} = mdn_mean(heads(s_{t,k-1})),
+        s_{t,k} = LSTM(s_{t,k-1}, [zhat_{t,k}, a_{t+k}])                      k = 1..K,
+    and scores the real z_{t+k+1} under heads(s_{t,k}). Returns log p per latent dimension (T, K, z_dim)
+    and where it counts (T, K): 1 when every frame from z_t to z_{t+k+1} is in the window (`z_mask`).
+    `mask`: the sequence's dropout mask, the same as in its teacher-forced pass.
+    """
+    T = a_seq.shape[0]
+    ahead = jnp.arange(T)[:, None] + jnp.arange(1, steps + 1)  # (T, K): t + k
+    pad = lambda x: jnp.concatenate([x, jnp.zeros((steps,) + x.shape[1:], x.dtype)])  # noqa: E731
+    actions, targets = pad(a_seq)[ahead], pad(z_next)[ahead]  # a_{t+k} and z_{t+k+1}: (T, K, ...)
+    valid = z_mask[:, None] * jnp.cumprod(pad(z_mask)[ahead], axis=1)  # past the window's end: 0
+
+    def from_step_t(state, out_t, actions_t, targets_t):
+        def body(carry, inputs):
+            state, out = carry
+            a, z_target = inputs
+            state = model.advance(state, mdn_mean(out), a, mask)
+            out = model.heads(state[0])
+            return (state, out), mdn_log_prob(out, z_target)
+
+        _, log_p = jax.lax.scan(body, (state, out_t), (actions_t, targets_t))
+        return log_p
+
+    return jax.vmap(from_step_t)(states, out, actions, targets), valid
+
+
 def mdnrnn_loss(model: MDNRNN, z_seq: Float[Array, "B T z_dim"], a_seq: Float[Array, "B T action_dim"],
                 z_next: Float[Array, "B T z_dim"], reward: Float[Array, "B T"], done: Float[Array, "B T"],
                 mask: Float[Array, "B T"], z_mask: Float[Array, "B T"] | None = None, *,
                 w_mdn: float = 1.0, w_reward: float = 10.0, w_done: float = 10.0,
                 reward_asymmetry: float = 1.0, reward_floor: float = -math.inf,
-                done_pos_weight: float = 1.0, masks: DropoutMask | None = None) -> tuple[Array, dict]:
-    """Loss of a batch of sequences -> (loss, {"nll", "reward_loss", "done_loss"}).
+                done_pos_weight: float = 1.0, masks: DropoutMask | None = None,
+                overshoot: int = 0, w_overshoot: float = 1.0) -> tuple[Array, dict]:
+    """Loss of a batch of sequences -> (loss, {"nll", "reward_loss", "done_loss"} (+ "overshoot_nll")).
 
     loss = w_mdn * NLL + w_reward * reward loss + w_done * done BCE (defaults 1 / 10 / 10), each a mean
     over the valid steps (mask 1; padding 0). NLL is per step per latent dimension. The reward loss
@@ -198,16 +249,35 @@ def mdnrnn_loss(model: MDNRNN, z_seq: Float[Array, "B T z_dim"], a_seq: Float[Ar
     targets weigh `done_pos_weight` times (so the head fires on them at all). `masks` (B, in) and
     (B, hidden): one dropout mask per sequence. `z_mask` (default `mask`) marks the steps whose next
     latent exists: the last step of an episode has a reward and a done target but no next frame.
+
+    Overshooting (`overshoot` K > 0; PlaNet's latent overshooting, Hafner et al. 2019, with M's own
+    expected z fed back): one step's effect of an action on z is tiny next to what M cannot predict,
+    so the one-step NLL barely asks M to model actions; K steps open-loop (`open_loop_log_prob`) do:
+        loss += w_overshoot * mean over valid (b, t, k <= K) and latent dims of
+                -log p(z_{t+k+1} | s_{t,k}),   s_{t,k}: k open-loop steps on a_{t+1..t+k} from s_{t+1}.
     """
-    out = jax.vmap(lambda z, a, m: model.forward_sequence(z, a, None, m))(z_seq, a_seq, masks)
-    nll = _masked_mean(-jnp.mean(mdn_log_prob(out, z_next), axis=-1), mask if z_mask is None else z_mask)
+    z_mask = mask if z_mask is None else z_mask
+    if overshoot > 0:  # the open-loop steps start from the teacher-forced states, so keep them
+        states = jax.vmap(lambda z, a, m: model.state_sequence(z, a, None, m))(z_seq, a_seq, masks)
+        out = jax.vmap(jax.vmap(model.heads))(states[0])
+    else:
+        out = jax.vmap(lambda z, a, m: model.forward_sequence(z, a, None, m))(z_seq, a_seq, masks)
+    nll = _masked_mean(-jnp.mean(mdn_log_prob(out, z_next), axis=-1), z_mask)
     err = out.reward - jnp.maximum(reward, reward_floor)
     reward_loss = _masked_mean(jnp.where(err > 0, reward_asymmetry, 1.0) * err * err, mask)
     bce = -(done_pos_weight * done * jax.nn.log_sigmoid(out.done_logit)
             + (1.0 - done) * jax.nn.log_sigmoid(-out.done_logit))
     done_loss = _masked_mean(bce, mask)
     loss = w_mdn * nll + w_reward * reward_loss + w_done * done_loss
-    return loss, {"nll": nll, "reward_loss": reward_loss, "done_loss": done_loss}
+    aux = {"nll": nll, "reward_loss": reward_loss, "done_loss": done_loss}
+    if overshoot > 0:
+        def open_loop(states, out, a_seq, z_next, z_mask, mask):  # one sequence
+            return open_loop_log_prob(model, states, out, a_seq, z_next, z_mask, overshoot, mask)
+
+        log_p, valid = jax.vmap(open_loop)(states, out, a_seq, z_next, z_mask, masks)
+        aux["overshoot_nll"] = _masked_mean(-jnp.mean(log_p, axis=-1), valid)
+        loss = loss + w_overshoot * aux["overshoot_nll"]
+    return loss, aux
 
 
 Batch = Mapping[str, Array | np.ndarray]
@@ -246,7 +316,8 @@ def make_loss_fn(cfg: RNNConfig = RNNConfig()):
                 jax.random.split(k_drop, B))
         return mdnrnn_loss(model, *_sequences(batch, k_z if cfg.sample_z else None, cfg.offroad_done), w_mdn=cfg.w_mdn,
                            w_reward=cfg.w_reward, w_done=cfg.w_done, reward_asymmetry=cfg.reward_asymmetry,
-                           reward_floor=cfg.reward_floor, done_pos_weight=cfg.done_pos_weight, masks=masks)
+                           reward_floor=cfg.reward_floor, done_pos_weight=cfg.done_pos_weight, masks=masks,
+                           overshoot=cfg.overshoot, w_overshoot=cfg.w_overshoot)
     return loss_fn
 
 
