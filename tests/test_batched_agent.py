@@ -11,7 +11,8 @@ from wmlib.agent import AgentBatch
 from wmlib.config import SEED_RANGES
 from wmlib.controller import Controller, n_params, save_controller
 from wmlib.data import episode_files, load_episode
-from wmlib.evaluate import RealFitness, evaluate
+from wmlib.evaluate import evaluate
+from wmlib.fitness import RealFitness
 from wmlib.mdnrnn import MDNRNN, save_mdnrnn
 from wmlib.rollouts import ZOOM_STEPS, EpisodeSpec, out_of_patience, run_agent_episodes, run_episode, split_blocks
 from wmlib.vae import ConvVAE, save_vae

@@ -16,8 +16,8 @@ from wmlib.cli import main
 from wmlib.config import PRETRAINED_DIR, SAMPLE_DIR, EvolveConfig
 from wmlib.controller import n_params
 from wmlib.data import Episode, load_episode, save_episode
+from wmlib.fitness import dream_params
 from wmlib.mdnrnn import MDNRNN
-from wmlib.pipeline import dream_params
 
 GREY, GRASS, LIGHT_GRASS, CAR = (102, 102, 102), (102, 204, 102), (102, 230, 102), (204, 0, 0)
 

@@ -321,7 +321,7 @@ def dream_frames(vae, dream: DreamParams, vec: np.ndarray, rollouts: int = 8, st
 # ---- reward calibration ----------------------------------------------------------------------------
 
 def reward_calibration(episodes: Sequence[Episode], predict: Callable[[Episode], np.ndarray]) -> dict:
-    """M's predicted reward (`predict(ep) -> (T,)`, e.g. `evaluate.predict_along_episode`'s reward_pred)
+    """M's predicted reward (`predict(ep) -> (T,)`, e.g. `sim2real.predict_along_episode`'s reward_pred)
     against the real reward, summed along real episodes.
 
     Returns {"drivers": {policy: {"episodes", "steps", "real_total" and "pred_total" (mean per
@@ -585,12 +585,13 @@ def fidelity_report(agent_dir: str | os.PathLike, data_dir: str | os.PathLike, e
     """
     from wmlib.agent import check_compatible, part_path
     from wmlib.data import EpisodeError, encoded_dir, episode_files, load_encoded, load_episode
-    from wmlib.evaluate import predict_along_episode
     from wmlib.evolve import HISTORY_FILE, history
     from wmlib.figures import save
     from wmlib.files import ensure_dir, write_json
+    from wmlib.fitness import dream_params
     from wmlib.mdnrnn import load_mdnrnn
-    from wmlib.pipeline import dream_params, vae_id_of
+    from wmlib.pipeline import vae_id_of
+    from wmlib.sim2real import predict_along_episode
     from wmlib.vae import load_vae
 
     agent_dir, data_dir, evolve_dir = Path(agent_dir), Path(data_dir), Path(evolve_dir)

@@ -229,7 +229,7 @@ def score_histogram(result: dict, title: str = ""):
 
 def tracks(episodes: list):
     """Each episode's car path over its track (`ep.info["car_xy"]`), off-road steps in red."""
-    from wmlib.evaluate import offroad_steps, track_of_seed
+    from wmlib.env import offroad_steps, track_of_seed
 
     plt = _plt()
     fig, axes = plt.subplots(1, len(episodes), figsize=(4 * len(episodes), 4), squeeze=False)
@@ -268,9 +268,9 @@ def render_all(out_dir: str | os.PathLike, agent_dir: str | os.PathLike, data_di
     from wmlib.agent import Agent
     from wmlib.data import episode_files, load_episode
     from wmlib.dream import DreamParams, make_start_bank, rollout_trajectory
-    from wmlib.evaluate import episode_panels, predict_along_episode, worst_moment
     from wmlib.files import read_jsonl
     from wmlib.rollouts import EpisodeSpec, run_episode
+    from wmlib.sim2real import episode_panels, predict_along_episode, worst_moment
     from wmlib import viz
     from wmlib.viz import filmstrip, filmstrip_rows, latent_sweep, recon_panel, vstack
     from wmlib.vae import decode_latents, encode_frames, reconstruct

@@ -135,31 +135,12 @@ def encode(data_dir: Path, vae_path: Path, mirror: bool) -> str:
     return vae_id
 
 
-def dream_params(mdnrnn, encoded: dict, cfg, horizon: int | None = None):
-    """The dream of an evolution config: starts from the encoded real frames (on-road ones and episode
-    starts with `cfg.road_starts`), `horizon` steps (default `cfg.episode_len`)."""
-    from wmlib.dream import DreamParams, make_start_bank, road_starts
-
-    eps = list(encoded.values())
-    bank = make_start_bank([e["mu"] for e in eps], [e["logvar"] for e in eps], [e["actions"] for e in eps],
-                           start_ok=[road_starts(e["offroad"]) for e in eps] if cfg.road_starts else None)
-    return DreamParams(mdnrnn, bank, tau=cfg.tau, max_steps=horizon or cfg.episode_len, start=cfg.start,
-                       dropout=cfg.dream_dropout)
-
-
-def dream_fitness(mdnrnn, encoded: dict, cfg):
-    """CMA-ES fitness in the dream: one jitted call for the whole population."""
-    from wmlib.dream import population_returns
-
-    params = dream_params(mdnrnn, encoded, cfg)
-    return lambda key, x: population_returns(key, jnp.asarray(x), params, cfg.repeats, cfg.episode_len)
-
-
 def evolve_in_dream(agent_dir: Path, data_dir: Path, vae_id: str, out: Path, cfg, x0=None,
                     workers: int | None = None, fast: bool = True):
     from wmlib.controller import n_params
     from wmlib.evaluate import evaluate
     from wmlib.evolve import evolve
+    from wmlib.fitness import dream_fitness
     from wmlib.mdnrnn import load_mdnrnn
 
     mdnrnn, _ = load_mdnrnn(agent_dir / "mdnrnn.eqx")
@@ -217,8 +198,8 @@ def evolve_in_real(agent_dir: Path, out: Path, cfg, max_steps: int = 1000, x0=No
     """CMA-ES with every candidate scored on real episodes (population x repeats over the workers, in
     lockstep blocks of `batch`; an episode ends after `patience` steps without a new tile)."""
     from wmlib.controller import n_params
-    from wmlib.evaluate import RealFitness
     from wmlib.evolve import evolve
+    from wmlib.fitness import RealFitness
     from wmlib.mdnrnn import load_mdnrnn
 
     mdnrnn, _ = load_mdnrnn(agent_dir / "mdnrnn.eqx")
@@ -245,6 +226,7 @@ def temperature_sweep(agent_dir: Path, data_dir: Path, out: Path, cfg, taus, epi
     from wmlib.dream import population_returns
     from wmlib.evaluate import evaluate
     from wmlib.evolve import history
+    from wmlib.fitness import dream_params
     from wmlib.mdnrnn import load_mdnrnn
 
     vae_id = vae_id_of(agent_dir / "vae.eqx")

@@ -224,7 +224,7 @@ class RealDreamPlayer(W.VBox):
     (`viz.real_vs_dream`): real frame | V's reconstruction | M's dream, side by side. "start" is the
     frame where the dream leaves reality, "step" (and play) the steps since then.
 
-    `panels`: `evaluate.episode_panels` of the episode (frame, recon, z); `actions` (T, 3) its actions.
+    `panels`: `sim2real.episode_panels` of the episode (frame, recon, z); `actions` (T, 3) its actions.
     """
 
     def __init__(self, mdnrnn, decode, panels: dict[str, np.ndarray], actions: np.ndarray, steps: int = 60,
@@ -265,7 +265,7 @@ class EpisodeScrubber(W.VBox):
     the car on the track map, and below it the real reward beside the reward M predicted and C's
     steer, gas and brake, with a marker at the current step.
 
-    `panels`: `evaluate.episode_panels` of `episode`; `track`: its centre line (`env.track_of_seed`).
+    `panels`: `sim2real.episode_panels` of `episode`; `track`: its centre line (`env.track_of_seed`).
     """
 
     def __init__(self, panels: dict[str, np.ndarray], episode, track: np.ndarray, scale: int = 3):
