@@ -9,7 +9,7 @@ import pytest
 
 from wmlib.config import EvolveConfig
 from wmlib.controller import load_controller, n_params, to_flat
-from wmlib.evolve import evolve
+from wmlib.evolve import controller_saver, evolve
 from wmlib.files import read_jsonl
 
 Z, H = 2, 3
@@ -29,7 +29,8 @@ def cfg(**kw):
 
 @pytest.mark.parametrize("optimizer", ["pycma", "evosax"])
 def test_evolve_maximises_return(tmp_path, optimizer):
-    result = evolve(toy_fitness, N, cfg(optimizer=optimizer), tmp_path, z_dim=Z, hidden=H, progress=False)
+    result = evolve(toy_fitness, N, cfg(optimizer=optimizer), tmp_path,
+                    on_best=controller_saver(tmp_path / "controller.eqx", Z, H), progress=False)
     start = -np.sum(TARGET**2)
     assert result.best_return > start / 4  # moved towards the maximum, not away from it
     records = read_jsonl(tmp_path / "metrics.jsonl")
@@ -44,14 +45,23 @@ def test_evolve_maximises_return(tmp_path, optimizer):
 @pytest.mark.parametrize("optimizer", ["pycma", "evosax"])
 def test_resume_equals_uninterrupted(tmp_path, optimizer):
     straight = evolve(toy_fitness, N, cfg(optimizer=optimizer, generations=12), tmp_path / "a",
-                      z_dim=Z, hidden=H, progress=False)
-    evolve(toy_fitness, N, cfg(optimizer=optimizer, generations=5), tmp_path / "b", z_dim=Z, hidden=H, progress=False)
+                      progress=False)
+    evolve(toy_fitness, N, cfg(optimizer=optimizer, generations=5), tmp_path / "b", progress=False)
     resumed = evolve(toy_fitness, N, cfg(optimizer=optimizer, generations=12), tmp_path / "b",
-                     z_dim=Z, hidden=H, progress=False)
+                     progress=False)
     np.testing.assert_array_equal(resumed.best_params, straight.best_params)
     a = [r["sigma"] for r in read_jsonl(tmp_path / "a" / "metrics.jsonl")]
     b = [r["sigma"] for r in read_jsonl(tmp_path / "b" / "metrics.jsonl")]
     assert a == b and len(a) == 12
+
+
+def test_on_best_sees_every_improvement_and_only_those(tmp_path):
+    seen = []
+    result = evolve(toy_fitness, N, cfg(generations=6), tmp_path,
+                    on_best=lambda params, ret: seen.append((params.copy(), ret)), progress=False)
+    assert seen and all(a[1] < b[1] for a, b in zip(seen, seen[1:]))
+    np.testing.assert_array_equal(seen[-1][0], result.best_params)
+    assert seen[-1][1] == result.best_return and not (tmp_path / "controller.eqx").exists()
 
 
 def test_real_score_is_logged_beside_dream_score(tmp_path):
@@ -61,7 +71,7 @@ def test_real_score_is_logged_beside_dream_score(tmp_path):
         seen.append(params)
         return {"mean": 1.5, "std": 0.5, "scores": [1.0, 2.0]}
 
-    evolve(toy_fitness, N, cfg(generations=4, real_every=2), tmp_path, z_dim=Z, hidden=H,
+    evolve(toy_fitness, N, cfg(generations=4, real_every=2), tmp_path,
            real_score=real_score, progress=False)
     records = read_jsonl(tmp_path / "metrics.jsonl")
     assert len(seen) == 2 and [("real_mean" in r) for r in records] == [False, True, False, True]
@@ -69,20 +79,20 @@ def test_real_score_is_logged_beside_dream_score(tmp_path):
 
 def test_bad_input(tmp_path):
     with pytest.raises(ValueError, match="at least 3 for pycma"):
-        evolve(toy_fitness, N, cfg(popsize=1), tmp_path, z_dim=Z, hidden=H, progress=False)
+        evolve(toy_fitness, N, cfg(popsize=1), tmp_path, progress=False)
     with pytest.raises(ValueError, match="tau must be >= 0"):
-        evolve(toy_fitness, N, cfg(tau=-1.0), tmp_path, z_dim=Z, hidden=H, progress=False)
+        evolve(toy_fitness, N, cfg(tau=-1.0), tmp_path, progress=False)
     with pytest.raises(ValueError, match="unknown optimizer 'adam'"):
-        evolve(toy_fitness, N, cfg(optimizer="adam"), tmp_path, z_dim=Z, hidden=H, progress=False)
+        evolve(toy_fitness, N, cfg(optimizer="adam"), tmp_path, progress=False)
 
 
 def test_a_resume_with_other_settings_refuses_and_names_them(tmp_path):
-    evolve(toy_fitness, N, cfg(generations=2), tmp_path, z_dim=Z, hidden=H, progress=False)
+    evolve(toy_fitness, N, cfg(generations=2), tmp_path, progress=False)
     with pytest.raises(ValueError, match=r"popsize: 8 -> 6; sigma0: 0.3 -> 0.2"):
-        evolve(toy_fitness, N, cfg(generations=3, popsize=6, sigma0=0.2), tmp_path, z_dim=Z, hidden=H, progress=False)
+        evolve(toy_fitness, N, cfg(generations=3, popsize=6, sigma0=0.2), tmp_path, progress=False)
     with pytest.raises(ValueError, match="x0_sha256"):  # another start point is another search
-        evolve(toy_fitness, N, cfg(generations=3), tmp_path, z_dim=Z, hidden=H, x0=np.ones(N), progress=False)
-    more = evolve(toy_fitness, N, cfg(generations=3), tmp_path, z_dim=Z, hidden=H, progress=False)
+        evolve(toy_fitness, N, cfg(generations=3), tmp_path, x0=np.ones(N), progress=False)
+    more = evolve(toy_fitness, N, cfg(generations=3), tmp_path, progress=False)
     assert more.generations == 3  # more generations is a resume, not a new search
 
 
@@ -96,9 +106,9 @@ def test_frame_budget_stops_a_real_frame_counting_search(tmp_path):
             return np.asarray(toy_fitness(key, solutions))
 
     # 8 candidates x 2 repeats x 10 frames = 160 frames a generation: 300 frames allow 2 generations
-    result = evolve(CountingFitness(), N, cfg(generations=10, frame_budget=300), tmp_path, z_dim=Z, hidden=H,
+    result = evolve(CountingFitness(), N, cfg(generations=10, frame_budget=300), tmp_path,
                     progress=False)
     records = read_jsonl(tmp_path / "metrics.jsonl")
     assert result.generations == 2 and [r["real_frames"] for r in records] == [160, 160]
     with pytest.raises(ValueError, match="frame budget must be positive"):
-        evolve(CountingFitness(), N, cfg(frame_budget=-1), tmp_path / "b", z_dim=Z, hidden=H, progress=False)
+        evolve(CountingFitness(), N, cfg(frame_budget=-1), tmp_path / "b", progress=False)

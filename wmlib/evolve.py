@@ -4,16 +4,18 @@ Sign convention, stated once: pycma and evosax both MINIMISE; we MAXIMISE the re
 only place where the sign flips (loss = -mean return); everything we log and save is a return.
 
 Fitness is any function `fitness(key, solutions (P, n)) -> returns (P, repeats)`; in the dream it is
-one jitted call (`dream.population_returns`), for the real environment it farms episodes out to
-workers. Each generation is checkpointed so `evolve` resumes exactly where it stopped:
+one jitted call (`fitness.dream_fitness`), for the real environment it farms episodes out to workers
+(`fitness.RealFitness`). Each generation is checkpointed so `evolve` resumes exactly where it stopped:
   - evosax: the ES state is a pytree of arrays, saved as .npz;
   - pycma: its state is a large Python object whose only complete serialisation is a pickle (which
     executes code on load). We store instead what determines it: the seed, the start point and every
     generation's fitness values. pycma's sampling draws from our own seeded generator, so a resumed
     run rebuilds the exact state by replaying ask/tell with the stored fitness, then continues.
-Files in the run folder: es_state.npz, controller.eqx (best so far), metrics.jsonl (stage "evolve"),
+Files in the run folder: es_state.npz, metrics.jsonl (stage "evolve"),
 history.npz: every generation's search mean and its best candidates with their returns (`history`),
-from which a controller is chosen by real episodes and the dream's fidelity is measured.
+from which a controller is chosen by real episodes and the dream's fidelity is measured. `evolve`
+knows only flat parameter vectors: the caller keeps the best one, e.g. as controller.eqx with
+`on_best=controller_saver(...)`.
 """
 
 from __future__ import annotations
@@ -166,17 +168,30 @@ class EvolveResult:
     records: list[dict]
 
 
+def controller_saver(path: str | os.PathLike, z_dim: int = 32, hidden: int = 256,
+                     **extra) -> Callable[[np.ndarray, float], None]:
+    """An `on_best` for `evolve`: each new best flat vector is written to `path` as a controller for a V
+    with `z_dim` and an M with `hidden`, its mean return ("dream_return") and `extra` in the header."""
+    def save(params: np.ndarray, best_return: float) -> None:
+        save_controller(path, from_flat(jnp.asarray(params, jnp.float32), z_dim, hidden),
+                        extra={**extra, "dream_return": best_return})
+    return save
+
+
 def evolve(fitness: Callable[[jax.Array, np.ndarray], np.ndarray], n_params: int, cfg: EvolveConfig,
-           run_dir: str | os.PathLike, z_dim: int = 32, hidden: int = 256, x0: np.ndarray | None = None,
+           run_dir: str | os.PathLike, x0: np.ndarray | None = None,
+           on_best: Callable[[np.ndarray, float], None] | None = None,
            real_score: Callable[[np.ndarray], dict] | None = None, stage: str = "evolve",
            progress: bool = True) -> EvolveResult:
     """Run CMA-ES for `cfg.generations` generations (resuming from `run_dir` when it holds a state).
 
-    `fitness(key, solutions)` returns (P, repeats) returns. Every `cfg.real_every` generations the best
-    candidate is also scored by `real_score(flat_params) -> {"mean": ..., "std": ...}` (real episodes),
-    logged beside its dream score. A fitness that counts real frames (`fitness.frames`) stops the run
-    once `cfg.frame_budget` (> 0) frames are used. The first start writes RUN_DIR/evolve_config.json;
-    a resume with other settings (more generations or frames aside) refuses and names the difference.
+    `fitness(key, solutions)` returns (P, repeats) returns. Whenever a generation's best candidate beats
+    the best so far, `on_best(flat_params, mean_return)` is called (to save it: `controller_saver`).
+    Every `cfg.real_every` generations the best candidate is also scored by
+    `real_score(flat_params) -> {"mean": ..., "std": ...}` (real episodes), logged beside its dream score.
+    A fitness that counts real frames (`fitness.frames`) stops the run once `cfg.frame_budget` (> 0)
+    frames are used. The first start writes RUN_DIR/evolve_config.json; a resume with other settings
+    (more generations or frames aside) refuses and names the difference.
     """
     if cfg.tau < 0:
         raise ValueError(f"temperature tau must be >= 0, got {cfg.tau}")
@@ -240,9 +255,8 @@ def evolve(fitness: Callable[[jax.Array, np.ndarray], np.ndarray], n_params: int
                 np.savez(f, **{k: np.stack(v) for k, v in hist.items()})  # type: ignore[arg-type]  # numpy stubs: **arrays read as allow_pickle
             if mean_returns[i] > best_return:
                 best_return, best_params = float(mean_returns[i]), solutions[i].copy()
-                save_controller(run_dir / "controller.eqx",
-                                from_flat(jnp.asarray(best_params, jnp.float32), z_dim, hidden),
-                                extra={"generation": g + 1, "dream_return": best_return, "optimizer": cfg.optimizer})
+                if on_best is not None:
+                    on_best(best_params, best_return)
             record = {"stage": stage, "generation": g + 1, "best": float(mean_returns[i]),
                       "mean": float(mean_returns.mean()), "std": float(mean_returns.std()),
                       "best_so_far": best_return, "sigma": es.sigma, "fitness_s": fit_s}

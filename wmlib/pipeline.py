@@ -139,7 +139,7 @@ def evolve_in_dream(agent_dir: Path, data_dir: Path, vae_id: str, out: Path, cfg
                     workers: int | None = None, fast: bool = True):
     from wmlib.controller import n_params
     from wmlib.evaluate import evaluate
-    from wmlib.evolve import evolve
+    from wmlib.evolve import controller_saver, evolve
     from wmlib.fitness import dream_fitness
     from wmlib.mdnrnn import load_mdnrnn
 
@@ -150,8 +150,9 @@ def evolve_in_dream(agent_dir: Path, data_dir: Path, vae_id: str, out: Path, cfg
         return evaluate(agent_dir, cfg.real_episodes, seed=cfg.real_seed, workers=workers, fast=fast,
                         controller_params=params, progress=False)
 
-    return evolve(fitness, n_params(mdnrnn.z_dim, mdnrnn.hidden), cfg, out, z_dim=mdnrnn.z_dim,
-                  hidden=mdnrnn.hidden, x0=x0, real_score=real_score if cfg.real_every else None)
+    save_best = controller_saver(out / "controller.eqx", mdnrnn.z_dim, mdnrnn.hidden, optimizer=cfg.optimizer)
+    return evolve(fitness, n_params(mdnrnn.z_dim, mdnrnn.hidden), cfg, out, x0=x0, on_best=save_best,
+                  real_score=real_score if cfg.real_every else None)
 
 
 def select_controller(agent_dir: Path, evolve_dir: Path, cfg, max_steps: int = 1000, workers: int | None = None,
@@ -198,14 +199,14 @@ def evolve_in_real(agent_dir: Path, out: Path, cfg, max_steps: int = 1000, x0=No
     """CMA-ES with every candidate scored on real episodes (population x repeats over the workers, in
     lockstep blocks of `batch`; an episode ends after `patience` steps without a new tile)."""
     from wmlib.controller import n_params
-    from wmlib.evolve import evolve
+    from wmlib.evolve import controller_saver, evolve
     from wmlib.fitness import RealFitness
     from wmlib.mdnrnn import load_mdnrnn
 
     mdnrnn, _ = load_mdnrnn(agent_dir / "mdnrnn.eqx")
     fitness = RealFitness(agent_dir, cfg.repeats, max_steps, workers, fast, batch, patience)
-    return evolve(fitness, n_params(mdnrnn.z_dim, mdnrnn.hidden), cfg, out, z_dim=mdnrnn.z_dim,
-                  hidden=mdnrnn.hidden, x0=x0, stage="evolve")
+    save_best = controller_saver(out / "controller.eqx", mdnrnn.z_dim, mdnrnn.hidden, optimizer=cfg.optimizer)
+    return evolve(fitness, n_params(mdnrnn.z_dim, mdnrnn.hidden), cfg, out, x0=x0, on_best=save_best, stage="evolve")
 
 
 TAU_SWEEP_FILE = "tau_sweep.json"
