@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from wmlib.data import episode_name, save_episode
+from wmlib.errors import WMError
 from wmlib.rollouts import (EpisodeSpec, default_workers, out_of_patience, parallel_map, run_agent_episodes,
                             split_blocks)
 
@@ -52,7 +53,7 @@ def evaluate(agent_dir: str | os.PathLike, episodes: int, seed: int = 0, workers
     from wmlib.agent import Agent, part_path
 
     if episodes < 1:
-        raise ValueError(f"--episodes must be a positive integer, got {episodes}")
+        raise WMError(f"the number of episodes must be a positive integer, got {episodes}")
     for part in ("V", "M") + (() if controller_params is not None else ("C",)):
         part_path(agent_dir, part)
     Agent.load(agent_dir, controller_params, z_mode)  # V, M and C must fit together: fail here, not in a worker

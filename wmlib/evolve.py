@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from wmlib.config import EvolveConfig
 from wmlib.controller import from_flat, save_controller
 from wmlib.files import append_jsonl, atomic_write, read_jsonl, write_json
+from wmlib.errors import WMError
 
 OPTIMIZERS = ("pycma", "evosax")
 STATE_FILE = "es_state.npz"
@@ -129,10 +130,10 @@ class EvosaxES:
 
 def make_optimizer(name: str, x0: np.ndarray, sigma0: float, popsize: int, seed: int):
     if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
+        raise WMError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
     if popsize < 2 or (name == "pycma" and popsize < 3):
-        raise ValueError(f"population size must be at least {3 if name == 'pycma' else 2} for {name}, "
-                         f"got {popsize}")
+        raise WMError(f"population size must be at least {3 if name == 'pycma' else 2} for {name}, "
+                      f"got {popsize}")
     return (PycmaES if name == "pycma" else EvosaxES)(x0, sigma0, popsize, seed)
 
 
@@ -194,9 +195,9 @@ def evolve(fitness: Callable[[jax.Array, np.ndarray], np.ndarray], n_params: int
     (more generations or frames aside) refuses and names the difference.
     """
     if cfg.tau < 0:
-        raise ValueError(f"temperature tau must be >= 0, got {cfg.tau}")
+        raise WMError(f"temperature tau must be >= 0, got {cfg.tau}")
     if cfg.frame_budget < 0:
-        raise ValueError(f"the frame budget must be positive (or 0 for none), got {cfg.frame_budget}")
+        raise WMError(f"the frame budget must be positive (or 0 for none), got {cfg.frame_budget}")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     x0 = np.zeros(n_params) if x0 is None else np.asarray(x0, np.float64)
@@ -207,8 +208,8 @@ def evolve(fitness: Callable[[jax.Array, np.ndarray], np.ndarray], n_params: int
         changed = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in settings.items()
                    if k not in EXTENDABLE and before.get(k) != v]
         if changed:
-            raise ValueError(f"{run_dir} holds an evolution with other settings ({'; '.join(changed)}); "
-                             "resume with the same settings or use a new folder")
+            raise WMError(f"{run_dir} holds an evolution with other settings ({'; '.join(changed)}); "
+                          "resume with the same settings or use a new folder")
     write_json(run_dir / CONFIG_FILE, settings)
     metrics_path, state_path = run_dir / "metrics.jsonl", run_dir / STATE_FILE
     base_key = jax.random.PRNGKey(cfg.seed)
@@ -224,7 +225,7 @@ def evolve(fitness: Callable[[jax.Array, np.ndarray], np.ndarray], n_params: int
         with np.load(state_path) as z:
             arrays = {k: z[k] for k in z.files}
         if str(arrays.pop("optimizer")) != cfg.optimizer:
-            raise ValueError(f"{state_path} was written by a different optimizer; use a new run folder")
+            raise WMError(f"{state_path} was written by a different optimizer; use a new run folder")
         start, best_params = int(arrays.pop("generation")), arrays.pop("best_params")
         best_return = float(arrays.pop("best_return"))
         es.restore(arrays, keys)

@@ -43,6 +43,7 @@ from wmlib.config import SELECTION_SEED, EvolveConfig, check_seeds
 from wmlib.controller import from_flat, n_params
 from wmlib.data import Episode
 from wmlib.dream import DreamParams, rollout_trajectory
+from wmlib.errors import WMError
 
 HORIZONS = (50, 100, 200, 1000)  # dream steps a controller is scored over
 ZOOM_STEPS = 50  # a real episode's first second zooms in from far above: no road shape to read there
@@ -88,8 +89,8 @@ def pick_controllers(means: np.ndarray, count: int) -> np.ndarray:
     """Indices of `count` generations spread evenly over an evolution's search means (G, n), the
     first and the last included (all G when G <= count): controllers from poor to evolved."""
     if count < 2 or len(means) < 2:
-        raise ValueError(f"comparing orders needs at least 2 controllers: asked for {count} from an evolution "
-                         f"history of {len(means)} generations")
+        raise WMError(f"comparing orders needs at least 2 controllers: asked for {count} from an evolution "
+                      f"history of {len(means)} generations")
     return np.unique(np.linspace(0, len(means) - 1, min(count, len(means))).round().astype(int))
 
 
@@ -116,7 +117,7 @@ def dream_scores(params: DreamParams, flat: np.ndarray, horizons: Sequence[int] 
     """
     horizons = tuple(int(h) for h in horizons)
     if params.max_steps < max(horizons):
-        raise ValueError(f"dreams of {params.max_steps} steps cannot be scored at horizon {max(horizons)}")
+        raise WMError(f"dreams of {params.max_steps} steps cannot be scored at horizon {max(horizons)}")
     key = jax.random.PRNGKey(seed)
     rows = [np.asarray(_returns_at(key, jnp.asarray(vec, jnp.float32), params, rollouts, horizons))
             for vec in tqdm(np.asarray(flat), desc="dream scores", unit="C", disable=not progress)]
@@ -428,8 +429,8 @@ def steering_response(mdnrnn, episodes: Sequence[dict], readout: np.ndarray, hor
                 out.append(sign * (np.asarray(_dream_reads(mdnrnn, *args, jnp.asarray(a), w, k, samples))
                                    + readout[-1] - base))
     if not real:
-        raise ValueError("steering_response found no jerk of the wheel in the episodes given (the recovery "
-                         "driver's data have them)")
+        raise WMError("steering_response found no jerk of the wheel in the episodes given (the recovery "
+                      "driver's data have them)")
     real_c, dream_c, straight_c = (np.mean(x, axis=0) for x in (real, dream, straight))
     effect = float(np.mean(real_c - straight_c))
     return {"events": len(real), "real": real_c.tolist(), "dream": dream_c.tolist(),
@@ -530,8 +531,8 @@ def steering_report(mdnrnn, encoded: dict[str, dict[str, np.ndarray]], episodes:
     followers = [e for n, e in encoded.items() if n.split("_")[0] in TRACK_FOLLOWERS]
     jerky = [e for n, e in sorted(encoded.items()) if n.startswith("recovery_") and "_mirror" not in n][:episodes]
     if not followers or not jerky:
-        raise ValueError("the steering response needs encoded recovery episodes (they jerk the wheel) and "
-                         f"track followers ({', '.join(TRACK_FOLLOWERS)}); the collection has {sorted(encoded)[:5]}...")
+        raise WMError("the steering response needs encoded recovery episodes (they jerk the wheel) and "
+                      f"track followers ({', '.join(TRACK_FOLLOWERS)}); the collection has {sorted(encoded)[:5]}...")
     readout = road_readout(np.concatenate([e["mu"][ZOOM_STEPS:len(e["actions"])] for e in followers]),
                            np.concatenate([e["actions"][ZOOM_STEPS:, 0] for e in followers]))
     return steering_response(mdnrnn, jerky, readout, seed=seed)
@@ -600,18 +601,18 @@ def fidelity_report(agent_dir: str | os.PathLike, data_dir: str | os.PathLike, e
     check_compatible(vae, mdnrnn, where=str(agent_dir))
     if not (evolve_dir / HISTORY_FILE).is_file():
         raise FileNotFoundError(f"{evolve_dir / HISTORY_FILE} is missing: it holds an evolution run's search means "
-                                f"per generation (written by `wm evolve --out {evolve_dir}`)")
+                                f"per generation (an evolution run writes it into its folder)")
     means = history(evolve_dir)["mean"]
     if means.ndim != 2 or means.shape[1] != n_params(mdnrnn.z_dim, mdnrnn.hidden):
-        raise ValueError(f"{evolve_dir / HISTORY_FILE} holds search means of shape {means.shape}; controllers for "
-                         f"the M in {agent_dir} have {n_params(mdnrnn.z_dim, mdnrnn.hidden)} parameters")
+        raise WMError(f"{evolve_dir / HISTORY_FILE} holds search means of shape {means.shape}; controllers for "
+                      f"the M in {agent_dir} have {n_params(mdnrnn.z_dim, mdnrnn.hidden)} parameters")
     vae_id = vae_id_of(part_path(agent_dir, "V"))
     try:
         encoded = load_encoded(data_dir, vae_id)
     except EpisodeError as e:
         raise EpisodeError(f"{e}. {encoded_dir(data_dir, vae_id)}/*.npz would hold V's encoding of every episode "
-                           f"(mu, logvar, actions, rewards): `wm encode --data {data_dir} --vae "
-                           f"{agent_dir / 'vae.eqx'}` writes them") from None
+                           f"(mu, logvar, actions, rewards): encoding the collection with "
+                           f"{agent_dir / 'vae.eqx'} writes them") from None
     dream = dream_params(mdnrnn, encoded, cfg, horizon=max(horizons))
     out = ensure_dir(out_dir, "fidelity output folder")
 

@@ -21,6 +21,7 @@ import numpy as np
 from wmlib.config import TRAINING_SEED
 from wmlib.evaluate import block_frames, drive_block
 from wmlib.rollouts import EpisodeSpec, default_workers, parallel_map, split_blocks
+from wmlib.errors import WMError
 
 
 def dream_params(mdnrnn, encoded: dict, cfg, horizon: int | None = None):
@@ -64,8 +65,8 @@ class RealFitness:
         for part in ("V", "M"):
             part_path(agent_dir, part)
         if patience is not None and patience < 1:
-            raise ValueError(f"patience (steps without a new tile before an episode ends) must be a positive "
-                             f"integer or None, got {patience}")
+            raise WMError(f"patience (steps without a new tile before an episode ends) must be a positive "
+                          f"integer or None, got {patience}")
         self.agent_dir, self.repeats, self.max_steps = str(agent_dir), repeats, max_steps
         self.workers, self.fast, self.batch, self.patience = workers or default_workers(), fast, batch, patience
         self.frames = self.frames_saved = 0

@@ -44,6 +44,7 @@ from wmlib import checkpoint
 from wmlib.config import RNNConfig
 from wmlib.data import SequenceSampler, split_episodes
 from wmlib.train import fit, make_step
+from wmlib.errors import WMError
 
 LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -378,7 +379,7 @@ def train_mdnrnn(encoded: dict[str, dict[str, np.ndarray]], run_dir: str | os.Pa
     whose latents M learned.
     """
     if not encoded:
-        raise ValueError("train_mdnrnn got no encoded episodes; run the encode stage first")
+        raise WMError("train_mdnrnn got no encoded episodes; run the encode stage first")
     train_names, val_names = split_episodes(encoded, cfg.val_episodes, cfg.seed)
     sampler = SequenceSampler([encoded[n] for n in train_names], cfg.seq_len, cfg.batch_size, seed=cfg.seed)
     val_batches = (SequenceSampler([encoded[n] for n in val_names], cfg.seq_len, cfg.batch_size).all_windows()
@@ -387,7 +388,7 @@ def train_mdnrnn(encoded: dict[str, dict[str, np.ndarray]], run_dir: str | os.Pa
     model = init if init is not None else MDNRNN(jax.random.PRNGKey(cfg.seed), z_dim=z_dim, hidden=cfg.hidden,
                                                  n_mix=cfg.n_mix)
     if model.z_dim != z_dim:
-        raise ValueError(f"the initial M has z_dim {model.z_dim} but the encodings have z_dim {z_dim}")
+        raise WMError(f"the initial M has z_dim {model.z_dim} but the encodings have z_dim {z_dim}")
     return fit(model, make_optimizer(cfg), make_loss_fn(cfg), sampler.batch, cfg.epochs * sampler.batches_per_epoch,
                run_dir, name="mdnrnn", hyper=mdnrnn_hyper(model), seed=cfg.seed,
                evaluate=(lambda m: validation_metrics(m, val_batches, cfg.offroad_done)) if val_batches else None,

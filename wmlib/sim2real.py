@@ -20,6 +20,7 @@ import numpy as np
 
 from wmlib.data import Episode
 from wmlib.mdnrnn import MDNRNN, MDNOutputs
+from wmlib.errors import WMError
 
 
 def mixture_mean(out: MDNOutputs) -> jax.Array:
@@ -79,7 +80,7 @@ def latent_error_vs_horizon(mdnrnn: MDNRNN, z: np.ndarray, actions: np.ndarray, 
     """
     starts = np.arange(0, len(z) - horizon - 1, every)
     if not len(starts):
-        raise ValueError(f"episode of {len(z)} steps is too short for horizon {horizon}")
+        raise WMError(f"episode of {len(z)} steps is too short for horizon {horizon}")
     err = _open_loop(mdnrnn, jnp.asarray(z), jnp.asarray(actions), jnp.asarray(starts), horizon)
     return np.asarray(err).mean(axis=0)
 
