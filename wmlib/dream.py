@@ -42,12 +42,11 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from wmlib.controller import Controller, check_fits, from_flat
+from wmlib.env import ACTION_HIGH, ACTION_LOW
 from wmlib.errors import WMError
 from wmlib.mdnrnn import MDNRNN, dropout_mask, sample_next_z
 
 START_MODES = ("warm", "real", "zero")
-ACTION_LOW = np.array([-1.0, 0.0, 0.0], np.float32)
-ACTION_HIGH = np.array([1.0, 1.0, 1.0], np.float32)
 
 
 class StartBank(eqx.Module):

@@ -26,6 +26,9 @@ CROP_ROWS = 84  # rows 0..83 show the road; rows 84..95 are the indicator bar
 ENV_ID = "CarRacing-v3"
 FAST_ENV_ID = "wmlib/CarRacingFast-v3"  # registered in wmlib/__init__.py
 TRACK_HALF_WIDTH = TRACK_WIDTH  # world units: the road spans +-TRACK_WIDTH around its centre line
+# CarRacing's action space: steer in [-1, 1] (positive steers right), gas and brake in [0, 1]
+ACTION_LOW = np.array([-1.0, 0.0, 0.0], np.float32)
+ACTION_HIGH = np.array([1.0, 1.0, 1.0], np.float32)
 
 
 def make_env(render_mode: str | None = None, fast: bool = True, **kwargs) -> gym.Env:

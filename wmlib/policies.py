@@ -31,11 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from wmlib.controller import squash
-from wmlib.env import preprocess
+from wmlib.env import ACTION_HIGH, ACTION_LOW, TRACK_HALF_WIDTH, preprocess
 from wmlib.errors import WMError
 
-ACTION_LOW = np.array([-1.0, 0.0, 0.0], np.float32)
-ACTION_HIGH = np.array([1.0, 1.0, 1.0], np.float32)
 
 
 def _as_action(steer: float, gas: float, brake: float) -> np.ndarray:
@@ -158,7 +156,6 @@ class HeuristicPolicy(Policy):
 
     name = "heuristic"
     WHEELBASE = 3.24  # front to rear axle of the CarRacing car, world units
-    ROAD_HALF_WIDTH = 40 / 6  # CarRacing's TRACK_WIDTH (centre line to edge), world units
 
     def __init__(self, top_speed: float = 95.0, lateral_accel: float = 160.0,
                  braking_accel: float = 100.0, grip_accel: float = 200.0, lookahead: float = 0.25,
@@ -240,7 +237,7 @@ class HeuristicPolicy(Policy):
 
         # Look a little ahead so the pedals react before the car reaches the slow point.
         want = float(self.speed[(i + np.arange(0, 4)) % n].min())
-        if off_track > self.ROAD_HALF_WIDTH:  # grass grips less and the way back is a turn
+        if off_track > TRACK_HALF_WIDTH:  # grass grips less and the way back is a turn
             want = min(want, self.off_road_speed)
         if speed < want:
             gas, brake = min(1.0, 0.2 + (want - speed) / 5.0), 0.0
