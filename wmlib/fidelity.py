@@ -40,9 +40,9 @@ from jaxtyping import Array, Float
 from tqdm.auto import tqdm
 
 from wmlib.config import SELECTION_SEED, EvolveConfig, check_seeds
-from wmlib.controller import from_flat, n_params
+from wmlib.controller import Controller, from_flat, n_params
 from wmlib.data import Episode
-from wmlib.dream import DreamParams, rollout_trajectory
+from wmlib.dream import DreamParams, drive, rollout_trajectory, start_from_frame
 from wmlib.errors import WMError
 
 HORIZONS = (50, 100, 200, 1000)  # dream steps a controller is scored over
@@ -373,24 +373,15 @@ def jerk_events(steer: np.ndarray, start: int = ZOOM_STEPS, horizon: int = 24) -
 
 
 @eqx.filter_jit
-def _dream_reads(mdnrnn, z_past: Float[Array, "W z"], a_past: Float[Array, "W-1 3"], actions: Float[Array, "H 3"],
-                 w: Float[Array, " z"], key: jax.Array, samples: int) -> Float[Array, " H"]:
-    """M warmed on the real past (latents z_past, the actions between them), then dreaming with
-    `actions` from the last real latent: the read-out of each dreamed latent, averaged over samples."""
-    from wmlib.mdnrnn import sample_next_z
-
-    state, _ = jax.lax.scan(lambda st, za: (mdnrnn.advance(st, za[0], za[1]), None), mdnrnn.initial_state(),
-                            (z_past[:-1], a_past))
-
-    def one(k):
-        def body(carry, inp):
-            st, z = carry
-            st, out = mdnrnn.step(st, z, inp[0])
-            z = sample_next_z(inp[1], out)
-            return (st, z), z @ w
-        return jax.lax.scan(body, (state, z_past[-1]), (actions, jax.random.split(k, len(actions))))[1]
-
-    return jax.vmap(one)(jax.random.split(key, samples)).mean(axis=0)
+def _dream_reads(mdnrnn, state, actions: Float[Array, "H 3"], w: Float[Array, " z"], key: jax.Array,
+                 samples: int) -> Float[Array, " H"]:
+    """`samples` dreams from `state` (`dream.start_from_frame`) fed `actions`: the read-out `w` of each
+    dreamed latent, averaged over the dreams."""
+    no_c = jnp.zeros(len(actions), bool)
+    c = Controller(mdnrnn.z_dim, mdnrnn.hidden)
+    zs = jax.vmap(lambda k: drive(k, state, mdnrnn, jnp.float32(1.0), actions, no_c, c).z[1:])(
+        jax.random.split(key, samples))
+    return (zs @ w).mean(axis=0)
 
 
 def steering_response(mdnrnn, episodes: Sequence[dict], readout: np.ndarray, horizon: int = 24, warmup: int = 40,
@@ -424,9 +415,9 @@ def steering_response(mdnrnn, episodes: Sequence[dict], readout: np.ndarray, hor
             key, k = jax.random.split(key)
             base = reads[t]
             real.append(sign * (reads[t + 1:t + horizon + 1] - base))
-            args = (jnp.asarray(mu[t - warmup:t + 1]), jnp.asarray(act[t - warmup:t]))
+            state = start_from_frame(mdnrnn, jnp.asarray(mu), jnp.asarray(act), int(t), warmup)  # once per jerk
             for out, a in ((dream, fut), (straight, still)):
-                out.append(sign * (np.asarray(_dream_reads(mdnrnn, *args, jnp.asarray(a), w, k, samples))
+                out.append(sign * (np.asarray(_dream_reads(mdnrnn, state, jnp.asarray(a), w, k, samples))
                                    + readout[-1] - base))
     if not real:
         raise WMError("steering_response found no jerk of the wheel in the episodes given (the recovery "
