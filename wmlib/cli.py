@@ -9,6 +9,7 @@
     wm evolve --agent DIR --where real --out DIR    C by CMA-ES on real episodes (the paper's setup)
     wm evaluate --agent DIR --episodes 100          real episodes, JSON result (notebook 05)
     wm iterate --run DIR                            one more sim2real iteration of a pipeline run
+    wm dream-sweep --setting tau --values 0.5,1.0   C evolved in the dream at each value, dream vs real
     wm figures                                      the lessons' key figures into docs/figures/
 
 Every subcommand prints one clear line and exits non-zero on bad input (a `WMError` or an OSError);
@@ -229,16 +230,19 @@ def cmd_fidelity(args) -> None:
                       "steering_response_dream_over_real": report["steering"]["ratio"]}))
 
 
-def cmd_tau_sweep(args) -> None:
-    from wmlib.pipeline import temperature_sweep
+def cmd_dream_sweep(args) -> None:
+    from wmlib.config import parse_value
+    from wmlib.pipeline import dream_sweep
 
-    taus = [float(t) for t in args.taus.split(",")]
-    if min(taus) <= 0:
-        raise WMError(f"--taus must be positive temperatures, got {args.taus!r}")
+    try:
+        values = [parse_value(f"evolve.{args.setting}", t.strip()) for t in args.values.split(",")]
+    except WMError as e:
+        raise WMError(f"--setting/--values: {e}") from None
     cfg = _preset(args, {f"evolve.{k}": getattr(args, k) for k in ("generations", "popsize", "repeats")}).evolve
-    result = temperature_sweep(Path(args.agent), Path(args.data), Path(args.out), cfg, taus, args.episodes,
-                               seed=args.seed, max_steps=args.max_steps, workers=args.workers, fast=not args.stock)
-    print(json.dumps({k: result[k] for k in ("tau", "dream_mean", "real_mean", "real_std")}))
+    result = dream_sweep(Path(args.agent), Path(args.data), Path(args.out), cfg, args.setting, values, args.episodes,
+                         runs=args.runs, seed=args.seed, max_steps=args.max_steps, workers=args.workers,
+                         fast=not args.stock)
+    print(json.dumps({k: result[k] for k in ("setting", "value", "run_seed", "dream_mean", "real_mean", "real_std")}))
 
 
 def backend_args(p) -> None:
@@ -393,22 +397,25 @@ def build_parser() -> argparse.ArgumentParser:
     env_args(p)
     p.set_defaults(func=cmd_fidelity)
 
-    p = sub.add_parser("tau-sweep", help="the paper's temperature experiment: evolve C in the dream at each tau, "
-                                         "score it in the dream and in reality")
+    p = sub.add_parser("dream-sweep", help="the paper's experiments with C trained in the dream: evolve C at each "
+                                           "value of one setting (tau, inputs), score it in the dream and in reality")
     p.add_argument("--agent", required=True, help="folder with the vae.eqx and mdnrnn.eqx to dream in")
     p.add_argument("--data", required=True, help="collection encoded by that V (dream starts)")
-    p.add_argument("--out", required=True, help="folder for one evolution per tau and tau_sweep.json")
-    p.add_argument("--taus", default="0.5,1.0,1.15,1.3", help="temperatures, comma-separated")
+    p.add_argument("--out", required=True, help="folder for one evolution per value and run, and SETTING_sweep.json")
+    p.add_argument("--setting", required=True, help="an evolve setting: tau (the temperature table) or inputs "
+                                                    "(z: V only, zh: V and M)")
+    p.add_argument("--values", required=True, help="its values, comma-separated, e.g. 0.5,1.0,1.15,1.3 or z,zh")
+    p.add_argument("--runs", type=_positive_int, default=1, help="evolutions per value (seeds SEED, SEED+1, ...)")
     p.add_argument("--generations", type=_positive_int, default=None,
                    help="generations per evolution (default: preset)")
     p.add_argument("--popsize", type=_positive_int, default=None, help="CMA-ES population (default: preset)")
     p.add_argument("--repeats", type=_positive_int, default=None, help="dreams per candidate (default: preset)")
-    p.add_argument("--episodes", type=_positive_int, default=32, help="real episodes per tau")
+    p.add_argument("--episodes", type=_positive_int, default=32, help="real episodes per evolved C")
     p.add_argument("--seed", type=int, default=0, help="real episode i runs on env seed SEED+i (default 0, test range)")
     p.add_argument("--max-steps", type=_positive_int, default=1000, help="steps per real episode")
     preset_arg(p)
     env_args(p)
-    p.set_defaults(func=cmd_tau_sweep)
+    p.set_defaults(func=cmd_dream_sweep)
 
     p = sub.add_parser("export", help="copy a pipeline run's final agent and its logs into a folder (data/pretrained)")
     p.add_argument("--run", required=True, help="pipeline run folder")

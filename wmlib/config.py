@@ -117,6 +117,9 @@ class RNNConfig:
     seed: int = 0
 
 
+CONTROLLER_INPUTS = ("zh", "z")  # C reads z and M's h (the full model), or z alone (the paper's "V model only")
+
+
 @dataclass(frozen=True)
 class EvolveConfig:
     """CMA-ES in the dream (paper: population 64, 16 rollouts per candidate)."""
@@ -129,6 +132,7 @@ class EvolveConfig:
     start: str = "warm"          # "warm": LSTM warmed on real frames; "real": real z, zero h; "zero"
     road_starts: bool = False    # dreams start only at on-road frames (and episode starts), like real ones
     dream_dropout: float = 0.0   # a new dropout mask on M per dream episode (Dropout's Dream Land)
+    inputs: str = "zh"           # what C reads: "zh" (z and M's h, the full model) or "z" (V only: W_h held at 0)
     optimizer: str = "pycma"     # or "evosax"
     real_every: int = 10         # score the best on real episodes every K generations (0: never)
     real_episodes: int = 4
@@ -137,6 +141,11 @@ class EvolveConfig:
     real_seed: int = SELECTION_SEED  # env seeds of every real episode that evolution uses
     frame_budget: int = 0        # real-environment fitness: stop once this many real frames are used (0: none)
     seed: int = 0
+
+    def __post_init__(self):
+        if self.inputs not in CONTROLLER_INPUTS:
+            raise WMError(f"evolve.inputs: C reads one of {CONTROLLER_INPUTS} (z and h, or z alone), "
+                          f"got {self.inputs!r}")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,8 @@
 
 With z_dim 32 and hidden 256 that is 3 * 288 + 3 = 867 parameters, few enough for CMA-ES. The flat
 parameter vector CMA-ES works on is W in row-major order followed by b (`to_flat` / `from_flat`).
+The paper's ablation "V model only" is the same controller with the weights on h held at zero
+(`free_params(..., inputs="z")`: CMA-ES searches the 99 others).
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import os
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 from wmlib import checkpoint
+from wmlib.config import CONTROLLER_INPUTS
 from wmlib.errors import WMError
 
 ACTION_DIM = 3  # CarRacing: steer, gas, brake
@@ -32,6 +36,18 @@ def squash(a: Float[Array, "... 3"]) -> Float[Array, "... 3"]:
 def n_params(z_dim: int = 32, hidden: int = 256) -> int:
     """Length of the flat parameter vector: 3 * (z_dim + hidden) + 3 (867 for the paper's sizes)."""
     return ACTION_DIM * (z_dim + hidden) + ACTION_DIM
+
+
+def free_params(z_dim: int = 32, hidden: int = 256, inputs: str = "zh") -> np.ndarray:
+    """Which entries of the flat vector a search may change (bool, `n_params` long): all of them for
+    inputs "zh"; for "z" every weight on h stays at zero, so C sees V alone (3 * z_dim + 3 free: 99
+    for the paper's sizes), and the controller is still an ordinary one with W_h = 0."""
+    if inputs not in CONTROLLER_INPUTS:
+        raise WMError(f"controller inputs must be one of {CONTROLLER_INPUTS}, got {inputs!r}")
+    free = np.ones((ACTION_DIM, z_dim + hidden), bool)
+    if inputs == "z":
+        free[:, z_dim:] = False
+    return np.concatenate([free.reshape(-1), np.ones(ACTION_DIM, bool)])
 
 
 class Controller(eqx.Module):

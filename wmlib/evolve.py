@@ -183,7 +183,7 @@ def evolve(fitness: Callable[[jax.Array, np.ndarray], np.ndarray], n_params: int
            run_dir: str | os.PathLike, x0: np.ndarray | None = None,
            on_best: Callable[[np.ndarray, float], None] | None = None,
            real_score: Callable[[np.ndarray], dict] | None = None, stage: str = "evolve",
-           progress: bool = True) -> EvolveResult:
+           progress: bool = True, free: np.ndarray | None = None) -> EvolveResult:
     """Run CMA-ES for `cfg.generations` generations (resuming from `run_dir` when it holds a state).
 
     `fitness(key, solutions)` returns (P, repeats) returns. Whenever a generation's best candidate beats
@@ -193,6 +193,9 @@ def evolve(fitness: Callable[[jax.Array, np.ndarray], np.ndarray], n_params: int
     A fitness that counts real frames (`fitness.frames`) stops the run once `cfg.frame_budget` (> 0)
     frames are used. The first start writes RUN_DIR/evolve_config.json; a resume with other settings
     (more generations or frames aside) refuses and names the difference.
+    `free` (bool, `n_params` long; default all) names the entries the optimiser searches; the others
+    stay at their value in `x0` (`controller.free_params`: C on z alone). Everything `evolve` hands
+    out (fitness, history, `on_best`, the result) is the full vector.
     """
     if cfg.tau < 0:
         raise WMError(f"temperature tau must be >= 0, got {cfg.tau}")
@@ -201,10 +204,21 @@ def evolve(fitness: Callable[[jax.Array, np.ndarray], np.ndarray], n_params: int
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     x0 = np.zeros(n_params) if x0 is None else np.asarray(x0, np.float64)
-    es = make_optimizer(cfg.optimizer, x0, cfg.sigma0, cfg.popsize, cfg.seed)  # checks the settings first
+    free = np.ones(n_params, bool) if free is None else np.asarray(free, bool)
+    if free.shape != (n_params,) or not free.any():
+        raise WMError(f"free must mark some of the {n_params} parameters, got shape {free.shape}")
+
+    def full(x: np.ndarray) -> np.ndarray:
+        """Searched entries -> full vectors (the fixed ones from x0)."""
+        out = np.broadcast_to(x0, (*x.shape[:-1], n_params)).copy()
+        out[..., free] = x
+        return out
+
+    es = make_optimizer(cfg.optimizer, x0[free], cfg.sigma0, cfg.popsize, cfg.seed)  # checks the settings first
     settings = {**dataclasses.asdict(cfg), "x0_sha256": hashlib.sha256(x0.tobytes()).hexdigest()[:16]}
     if (run_dir / CONFIG_FILE).exists():
         before = json.loads((run_dir / CONFIG_FILE).read_text())
+        before = {**dataclasses.asdict(EvolveConfig()), **before}  # a setting added since: its default
         changed = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in settings.items()
                    if k not in EXTENDABLE and before.get(k) != v]
         if changed:
@@ -242,15 +256,16 @@ def evolve(fitness: Callable[[jax.Array, np.ndarray], np.ndarray], n_params: int
                 break
             t0 = time.perf_counter()
             ask_key, fit_key, tell_key = jax.random.split(keys(g), 3)
-            solutions = es.ask(ask_key)
+            searched = es.ask(ask_key)
+            solutions = full(searched)
             t_fit = time.perf_counter()
             returns = np.asarray(fitness(fit_key, solutions.astype(np.float32)))
             fit_s = time.perf_counter() - t_fit
             mean_returns = returns.mean(axis=1)
-            es.tell(tell_key, solutions, _loss(mean_returns))
+            es.tell(tell_key, searched, _loss(mean_returns))
             i = int(np.argmax(mean_returns))
             order = np.argsort(-mean_returns)[:HISTORY_TOP]
-            for k, v in (("mean", es.mean), ("top", solutions[order]), ("top_return", mean_returns[order])):
+            for k, v in (("mean", full(es.mean)), ("top", solutions[order]), ("top_return", mean_returns[order])):
                 hist[k] = hist[k][:g] + [np.asarray(v, np.float64)]
             with atomic_write(run_dir / HISTORY_FILE) as f:
                 np.savez(f, **{k: np.stack(v) for k, v in hist.items()})  # type: ignore[arg-type]  # numpy stubs: **arrays read as allow_pickle

@@ -29,6 +29,7 @@ FIGURES = {
     "04_fitness.png": "CMA-ES in the dream: best and mean return per generation",
     "04_dream_rollout.png": "the shipped controller driving in the dream",
     "04_temperature_table.png": "C evolved at each temperature: dream vs real score",
+    "04_inputs_table.png": "C on z alone (V only) vs on z and h (V and M), evolved in the dream: dream vs real",
     "05_scores.png": "the shipped agent's real scores over 100 episodes",
     "05_worst_moment.png": "real / V / M around the worst moment of a real episode",
     "05_reward_prediction.png": "real reward and done vs M's predictions along a real episode",
@@ -192,20 +193,33 @@ def fitness(records: list[dict], title: str):
     return fig
 
 
-def temperature_table(sweep: dict):
-    """A temperature sweep (`pipeline.temperature_sweep`, tau_sweep.json): for the C evolved at each tau,
-    its dream return and its real return (mean +- std), side by side."""
+SWEEP_AXES = {"tau": ("temperature tau the controller was evolved at", lambda v: f"{v:g}"),
+              "inputs": ("what C reads", lambda v: {"z": "z (V only)", "zh": "z and h (V and M)"}[v])}
+
+
+def sweep_table(sweep: dict):
+    """A dream sweep (`pipeline.dream_sweep`, SETTING_sweep.json): for the Cs evolved at each value, the
+    dream return (mean over runs, with their mean std) and the real return (every real episode of every
+    run pooled: mean +- std), each run's real mean as a dot."""
     plt = _plt()
-    tau = np.asarray(sweep["tau"])
-    x = np.arange(len(tau))
+    label, tick = SWEEP_AXES[sweep["setting"]]
+    values = list(dict.fromkeys(sweep["value"]))
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    ax.bar(x - 0.2, sweep["dream_mean"], 0.4, yerr=sweep["dream_std"], label="in the dream (at that tau)")
-    ax.bar(x + 0.2, sweep["real_mean"], 0.4, yerr=sweep["real_std"],
-           label=f"real, {sweep['episodes']} episodes "
-                 f"(env seeds {sweep['seed']}..{sweep['seed'] + sweep['episodes'] - 1})")
+    runs = sorted(set(sweep["run_seed"]))
+    for i, v in enumerate(values):
+        rows = [j for j, u in enumerate(sweep["value"]) if u == v]
+        real = np.concatenate([sweep["scores"][j] for j in rows])
+        ax.bar(i - 0.2, np.mean([sweep["dream_mean"][j] for j in rows]), 0.4,
+               yerr=np.mean([sweep["dream_std"][j] for j in rows]), color="C0",
+               label="in the dream (its own kind)" if i == 0 else None)
+        ax.bar(i + 0.2, real.mean(), 0.4, yerr=real.std(), color="C1",
+               label=f"real, {sweep['episodes']} episodes per run (env seeds {sweep['seed']}.."
+                     f"{sweep['seed'] + sweep['episodes'] - 1})" if i == 0 else None)
+        ax.plot([i + 0.2] * len(rows), [sweep["real_mean"][j] for j in rows], "k.",
+                label=f"each run's real mean ({len(runs)} evolution seeds)" if i == 0 and len(runs) > 1 else None)
     ax.axhline(0, color="0.5", lw=0.8)
-    ax.set_xticks(x, [f"{t:g}" for t in tau])
-    ax.set_xlabel("temperature tau the controller was evolved at")
+    ax.set_xticks(range(len(values)), [tick(v) for v in values])
+    ax.set_xlabel(label)
     ax.set_ylabel("return (mean +- std)")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -276,10 +290,12 @@ def render_all(out_dir: str | os.PathLike, agent_dir: str | os.PathLike, data_di
     from wmlib.vae import decode_latents, encode_frames, reconstruct
 
     out, agent_dir, data_dir = Path(out_dir), Path(agent_dir), Path(data_dir)
-    for name in ("vae_metrics.jsonl", "mdnrnn_metrics.jsonl", "evolve_metrics.jsonl", "eval.json", "tau_sweep.json"):
+    for name in ("vae_metrics.jsonl", "mdnrnn_metrics.jsonl", "evolve_metrics.jsonl", "eval.json", "tau_sweep.json",
+                 "inputs_sweep.json"):
         if not (agent_dir / name).is_file():
             raise FileNotFoundError(f"{agent_dir / name} is missing: the agent folder must be like data/pretrained "
-                                    "(V, M, C, their *_metrics.jsonl, eval.json and tau_sweep.json)")
+                                    "(V, M, C, their *_metrics.jsonl, eval.json, tau_sweep.json and "
+                                    "inputs_sweep.json)")
     files = episode_files(data_dir)
     if not files:
         raise FileNotFoundError(f"no episodes (*.npz) in {data_dir}: the data must be a collection like data/sample")
@@ -330,7 +346,8 @@ def render_all(out_dir: str | os.PathLike, agent_dir: str | os.PathLike, data_di
                                         f"the shipped controller in M's dream: return {float(ret):.0f} "
                                         f"over 200 steps"))
 
-    put("04_temperature_table.png", temperature_table(json.loads((agent_dir / "tau_sweep.json").read_text())))
+    put("04_temperature_table.png", sweep_table(json.loads((agent_dir / "tau_sweep.json").read_text())))
+    put("04_inputs_table.png", sweep_table(json.loads((agent_dir / "inputs_sweep.json").read_text())))
 
     put("05_scores.png", score_histogram(json.loads((agent_dir / "eval.json").read_text())))
     real = run_episode(EpisodeSpec("controller", seed, 1000, True, {"agent": str(agent_dir)}))

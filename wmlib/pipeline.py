@@ -135,9 +135,14 @@ def encode(data_dir: Path, vae_path: Path, mirror: bool) -> str:
     return vae_id
 
 
+def _start(x0, free: np.ndarray):
+    """The search's start: x0 (zero if None) with every entry the search may not change at zero."""
+    return None if x0 is None else np.where(free, np.asarray(x0, np.float64), 0.0)
+
+
 def evolve_in_dream(agent_dir: Path, data_dir: Path, vae_id: str, out: Path, cfg, x0=None,
                     workers: int | None = None, fast: bool = True):
-    from wmlib.controller import n_params
+    from wmlib.controller import free_params, n_params
     from wmlib.evaluate import evaluate
     from wmlib.evolve import controller_saver, evolve
     from wmlib.fitness import dream_fitness
@@ -151,8 +156,9 @@ def evolve_in_dream(agent_dir: Path, data_dir: Path, vae_id: str, out: Path, cfg
                         controller_params=params, progress=False)
 
     save_best = controller_saver(out / "controller.eqx", mdnrnn.z_dim, mdnrnn.hidden, optimizer=cfg.optimizer)
-    return evolve(fitness, n_params(mdnrnn.z_dim, mdnrnn.hidden), cfg, out, x0=x0, on_best=save_best,
-                  real_score=real_score if cfg.real_every else None)
+    free = free_params(mdnrnn.z_dim, mdnrnn.hidden, cfg.inputs)
+    return evolve(fitness, n_params(mdnrnn.z_dim, mdnrnn.hidden), cfg, out, x0=_start(x0, free), on_best=save_best,
+                  real_score=real_score if cfg.real_every else None, free=free)
 
 
 def select_controller(agent_dir: Path, evolve_dir: Path, cfg, max_steps: int = 1000, workers: int | None = None,
@@ -198,7 +204,7 @@ def evolve_in_real(agent_dir: Path, out: Path, cfg, max_steps: int = 1000, x0=No
                    fast: bool = True, batch: int = 16, patience: int | None = 100):
     """CMA-ES with every candidate scored on real episodes (population x repeats over the workers, in
     lockstep blocks of `batch`; an episode ends after `patience` steps without a new tile)."""
-    from wmlib.controller import n_params
+    from wmlib.controller import free_params, n_params
     from wmlib.evolve import controller_saver, evolve
     from wmlib.fitness import RealFitness
     from wmlib.mdnrnn import load_mdnrnn
@@ -206,23 +212,29 @@ def evolve_in_real(agent_dir: Path, out: Path, cfg, max_steps: int = 1000, x0=No
     mdnrnn, _ = load_mdnrnn(agent_dir / "mdnrnn.eqx")
     fitness = RealFitness(agent_dir, cfg.repeats, max_steps, workers, fast, batch, patience)
     save_best = controller_saver(out / "controller.eqx", mdnrnn.z_dim, mdnrnn.hidden, optimizer=cfg.optimizer)
-    return evolve(fitness, n_params(mdnrnn.z_dim, mdnrnn.hidden), cfg, out, x0=x0, on_best=save_best, stage="evolve")
+    free = free_params(mdnrnn.z_dim, mdnrnn.hidden, cfg.inputs)
+    return evolve(fitness, n_params(mdnrnn.z_dim, mdnrnn.hidden), cfg, out, x0=_start(x0, free), on_best=save_best,
+                  stage="evolve", free=free)
 
 
-TAU_SWEEP_FILE = "tau_sweep.json"
+def sweep_file(setting: str) -> str:
+    """The file a dream sweep over `setting` writes (tau_sweep.json, inputs_sweep.json)."""
+    return f"{setting}_sweep.json"
 
 
-def temperature_sweep(agent_dir: Path, data_dir: Path, out: Path, cfg, taus, episodes: int, seed: int = 0,
-                      max_steps: int = 1000, dream_rollouts: int = 64, workers: int | None = None,
-                      fast: bool = True) -> dict:
-    """The paper's temperature experiment (its Table 2, Doom) on this agent's V and M: at each tau a C
-    is evolved in the dream from scratch (`evolve_in_dream` with `cfg` at that tau, into OUT/tau_T), the
-    final search mean is scored in `dream_rollouts` dreams at that tau and on `episodes` real episodes
-    (env seeds seed.., at most `max_steps` steps: this reports, it chooses nothing). The C is the
-    dream's own choice, with no real selection, so the table shows what the temperature alone does.
-    Resumable: an evolution that finished is not rerun. Writes and returns OUT/tau_sweep.json: {"tau",
-    "dream_mean", "dream_std", "real_mean", "real_std", "scores", "episodes", "seed", "max_steps",
-    "evolve"}.
+def dream_sweep(agent_dir: Path, data_dir: Path, out: Path, cfg, setting: str, values, episodes: int,
+                runs: int = 1, seed: int = 0, max_steps: int = 1000, dream_rollouts: int = 64,
+                workers: int | None = None, fast: bool = True) -> dict:
+    """The paper's two experiments on this agent's V and M, with C trained in the dream: for each value
+    of one evolution setting (`setting` "tau": the temperature table; "inputs": V only vs V and M) and
+    each of `runs` evolution seeds (cfg.seed + r), C is evolved in the dream from zero
+    (`evolve_in_dream` into OUT/SETTING_VALUE/seed_S), its final search mean scored in
+    `dream_rollouts` dreams of its own kind and on `episodes` real episodes (env seeds seed.., at most
+    `max_steps` steps: this reports, it chooses nothing). The C is the dream's own choice, with no real
+    selection, so the table shows what the setting alone does; several runs show the luck of a run.
+    Resumable: an evolution that finished is not rerun. Writes and returns OUT/SETTING_sweep.json, a row
+    per (value, run): {"setting", "value", "run_seed", "dream_mean", "dream_std", "real_mean",
+    "real_std", "scores", "episodes", "seed", "max_steps", "evolve"}.
     """
     from wmlib.dream import population_returns
     from wmlib.evaluate import evaluate
@@ -233,23 +245,28 @@ def temperature_sweep(agent_dir: Path, data_dir: Path, out: Path, cfg, taus, epi
     vae_id = vae_id_of(agent_dir / "vae.eqx")
     mdnrnn, _ = load_mdnrnn(agent_dir / "mdnrnn.eqx")
     encoded = load_encoded(data_dir, vae_id)
-    rows: dict[str, list] = {k: [] for k in ("tau", "dream_mean", "dream_std", "real_mean", "real_std", "scores")}
-    for tau in taus:
-        c = dataclasses.replace(cfg, tau=float(tau), select_candidates=0, real_every=0)
-        run = out / f"tau_{tau:g}"
-        evolve_in_dream(agent_dir, data_dir, vae_id, run, c)
-        x = history(run)["mean"][-1]
-        dream = np.asarray(population_returns(jax.random.PRNGKey(seed), jnp.asarray(x, jnp.float32)[None],
-                                              dream_params(mdnrnn, encoded, c), dream_rollouts, c.episode_len))[0]
-        real = evaluate(agent_dir, episodes, seed=seed, workers=workers, max_steps=max_steps, fast=fast,
-                        controller_params=x, progress=False)
-        for k, v in (("tau", float(tau)), ("dream_mean", float(dream.mean())), ("dream_std", float(dream.std())),
-                     ("real_mean", real["mean"]), ("real_std", real["std"]), ("scores", real["scores"])):
-            rows[k].append(v)
-        print(f"tau {tau:g}: dream {dream.mean():.1f} +- {dream.std():.1f}, real {real['mean']:.1f} +- "
-              f"{real['std']:.1f} ({episodes} episodes)", flush=True)
-    result = {**rows, "episodes": episodes, "seed": seed, "max_steps": max_steps, "evolve": dataclasses.asdict(cfg)}
-    write_json(out / TAU_SWEEP_FILE, result)
+    rows: dict[str, list] = {k: [] for k in ("value", "run_seed", "dream_mean", "dream_std", "real_mean", "real_std",
+                                             "scores")}
+    for value in values:
+        for r in range(runs):
+            c = dataclasses.replace(cfg, **{setting: value}, seed=cfg.seed + r, select_candidates=0, real_every=0)
+            run = out / f"{setting}_{format(value, 'g') if isinstance(value, float) else value}" / f"seed_{c.seed}"
+            evolve_in_dream(agent_dir, data_dir, vae_id, run, c)
+            x = history(run)["mean"][-1]
+            dream = np.asarray(population_returns(jax.random.PRNGKey(seed), jnp.asarray(x, jnp.float32)[None],
+                                                  dream_params(mdnrnn, encoded, c), dream_rollouts,
+                                                  c.episode_len))[0]
+            real = evaluate(agent_dir, episodes, seed=seed, workers=workers, max_steps=max_steps, fast=fast,
+                            controller_params=x, progress=False)
+            for k, v in (("value", value), ("run_seed", c.seed), ("dream_mean", float(dream.mean())),
+                         ("dream_std", float(dream.std())), ("real_mean", real["mean"]), ("real_std", real["std"]),
+                         ("scores", real["scores"])):
+                rows[k].append(v)
+            print(f"{setting} {value} (evolution seed {c.seed}): dream {dream.mean():.1f} +- {dream.std():.1f}, "
+                  f"real {real['mean']:.1f} +- {real['std']:.1f} ({episodes} episodes)", flush=True)
+    result = {"setting": setting, **rows, "episodes": episodes, "seed": seed, "max_steps": max_steps,
+              "evolve": dataclasses.asdict(cfg)}
+    write_json(out / sweep_file(setting), result)
     return result
 
 
