@@ -11,6 +11,7 @@ import pytest
 from wmlib.config import PRETRAINED_DIR, SAMPLE_DIR
 from wmlib.pipeline import real_frames
 from wmlib.data import episode_files, load_episode
+from wmlib.evolve import history
 
 ENV = {**os.environ, "WM_PRESET": "smoke"}
 pytestmark = pytest.mark.slow  # each test starts `wm` (and JAX) in subprocesses: left out of the quick unit run
@@ -110,26 +111,31 @@ def test_evolve_in_the_real_environment_resumes(tmp_path):
     assert resumed["best_return"] >= first["best_return"]
 
 
-def test_tau_sweep_writes_the_table_and_resumes(tmp_path):
+def test_dream_sweep_writes_the_table_and_resumes(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     for path in episode_files(SAMPLE_DIR)[:2]:
         (data / path.name).write_bytes(path.read_bytes())
     wm("encode", "--data", data, "--vae", PRETRAINED_DIR / "vae.eqx")
-    args = ["tau-sweep", "--agent", PRETRAINED_DIR, "--data", data, "--out", tmp_path / "sweep", "--taus", "0.5,1.3",
-            "--generations", 1, "--popsize", 4, "--repeats", 1, "--episodes", 2, "--max-steps", 20, "--workers", 1]
+    args = ["dream-sweep", "--agent", PRETRAINED_DIR, "--data", data, "--out", tmp_path / "sweep",
+            "--setting", "inputs", "--values", "z,zh", "--runs", 2, "--generations", 1, "--popsize", 4, "--repeats", 1, "--episodes", 2,
+            "--max-steps", 20, "--workers", 1]
     first = last_json(wm(*args))
-    table = json.loads((tmp_path / "sweep" / "tau_sweep.json").read_text())
-    assert table["tau"] == first["tau"] == [0.5, 1.3]
-    assert [len(s) for s in table["scores"]] == [2, 2] and table["episodes"] == 2 and table["max_steps"] == 20
+    table = json.loads((tmp_path / "sweep" / "inputs_sweep.json").read_text())
+    assert table["value"] == first["value"] == ["z", "z", "zh", "zh"] and table["run_seed"] == [0, 1, 0, 1]
+    assert [len(s) for s in table["scores"]] == [2] * 4 and table["episodes"] == 2 and table["max_steps"] == 20
     np.testing.assert_allclose(np.mean(table["scores"], axis=1), table["real_mean"])
     assert all(np.isfinite(table["dream_mean"])) and all(s > 0 for s in table["dream_std"])
+    w_h = history(tmp_path / "sweep" / "inputs_z" / "seed_1")["mean"][-1][:-3].reshape(3, -1)[:, 32:]
+    assert not w_h.any()  # C on z alone: every weight on h stayed at zero
     again = last_json(wm(*args))
     assert again == first  # resumed: the evolutions are done, the same C is scored on the same tracks
-    for tau in ("0.5", "1.3"):
-        lines = (tmp_path / "sweep" / f"tau_{tau}" / "metrics.jsonl").read_text().splitlines()
+    for run in ("z/seed_0", "z/seed_1", "zh/seed_0", "zh/seed_1"):
+        lines = (tmp_path / "sweep" / f"inputs_{run}" / "metrics.jsonl").read_text().splitlines()
         assert len(lines) == 1  # one generation each, not rerun
-    assert "--taus must be positive" in wm(*args[:-2], "--taus", "0,1", check=False).stderr
+    bad = wm(*args[:9], "--values", "z,hz", *args[11:], check=False)
+    assert bad.returncode != 0 and "evolve.inputs" in bad.stderr and "'hz'" in bad.stderr
+    assert "no setting 'temp'" in wm(*args[:7], "--setting", "temp", *args[9:], check=False).stderr
 
 
 def test_pipeline_smoke_runs_every_stage_and_resumes(tmp_path):

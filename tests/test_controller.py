@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from wmlib.checkpoint import CheckpointError, save
-from wmlib.controller import (Controller, check_fits, from_flat, load_controller, n_params, save_controller,
-                              squash, to_flat)
+from wmlib.config import EvolveConfig
+from wmlib.controller import (Controller, check_fits, free_params, from_flat, load_controller, n_params,
+                              save_controller, squash, to_flat)
+from wmlib.errors import WMError
 
 
 def _squash_reference(a):
@@ -47,6 +49,22 @@ def test_call_matches_numpy_and_vmaps_from_flat():
     for v, act in zip(np.asarray(vecs), np.asarray(acts)):
         w, b = v[:-3].reshape(3, z_dim + hidden), v[-3:]
         np.testing.assert_allclose(act, _squash_reference(w @ np.concatenate([z, h]) + b), atol=1e-5)
+
+
+def test_v_only_controller_frees_the_paper_s_99_parameters_and_ignores_h():
+    """The paper's "V model only" C: 3 x 32 + 3 = 99 free parameters; with the rest at 0, h changes nothing."""
+    free = free_params(32, 256, "z")
+    assert free.sum() == 99 and free_params(32, 256, "zh").all()
+    vec = np.where(free, np.random.default_rng(0).normal(size=867), 0.0).astype(np.float32)
+    c = from_flat(jnp.asarray(vec))
+    z = jnp.linspace(-1, 1, 32)
+    np.testing.assert_array_equal(c(z, jnp.zeros(256)), c(z, jnp.ones(256) * 5.0))
+    np.testing.assert_allclose(c(z, jnp.zeros(256)), squash(vec[:-3].reshape(3, 288)[:, :32] @ z + vec[-3:]),
+                               rtol=1e-6)
+    with pytest.raises(WMError, match="'h'"):
+        free_params(32, 256, "h")
+    with pytest.raises(WMError, match="evolve.inputs"):
+        EvolveConfig(inputs="zz")
 
 
 def test_wrong_sizes_are_clear_errors():

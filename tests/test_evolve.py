@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from wmlib.config import EvolveConfig
-from wmlib.controller import load_controller, n_params, to_flat
-from wmlib.evolve import controller_saver, evolve
+from wmlib.controller import free_params, load_controller, n_params, to_flat
+from wmlib.errors import WMError
+from wmlib.evolve import controller_saver, evolve, history
 from wmlib.files import read_jsonl
 
 Z, H = 2, 3
@@ -112,3 +113,21 @@ def test_frame_budget_stops_a_real_frame_counting_search(tmp_path):
     assert result.generations == 2 and [r["real_frames"] for r in records] == [160, 160]
     with pytest.raises(ValueError, match="frame budget must be positive"):
         evolve(CountingFitness(), N, cfg(frame_budget=-1), tmp_path / "b", progress=False)
+
+
+def test_a_search_over_some_parameters_leaves_the_others_at_x0(tmp_path):
+    """C on z alone: the weights on h stay exactly where x0 put them, in every vector evolve hands out,
+    while the free ones move towards the target."""
+    free = free_params(Z, H, "z")
+    x0 = np.where(free, 0.0, 0.5)  # fixed entries at a value the target does not have
+    seen = []
+    result = evolve(lambda k, x: (seen.append(np.asarray(x)), toy_fitness(k, x))[1], N, cfg(generations=20),
+                    tmp_path, x0=x0, progress=False, free=free)
+    vectors = np.concatenate([np.concatenate(seen), history(tmp_path)["mean"],
+                              history(tmp_path)["top"].reshape(-1, N), result.best_params[None]])
+    np.testing.assert_array_equal(vectors[:, ~free], 0.5)
+    assert np.ptp(vectors[:, free], axis=0).min() > 0  # every free entry was searched
+    start = -np.sum((x0 - TARGET) ** 2)
+    assert result.best_return > start + 0.5 * np.sum(TARGET[free] ** 2)  # the free part moved to its target
+    with pytest.raises(WMError, match="free must mark"):
+        evolve(toy_fitness, N, cfg(), tmp_path / "none", progress=False, free=np.zeros(N, bool))

@@ -64,14 +64,20 @@ def test_picture_keeps_the_aspect_ratio_and_save_writes_a_png(tmp_path):
     assert saved.max() == 255 and saved.min() == 0
 
 
-def test_temperature_table_draws_dream_and_real_bars_at_their_values():
-    sweep = {"tau": [0.5, 1.0, 1.3], "dream_mean": [300.0, 200.0, 100.0], "dream_std": [10.0, 20.0, 30.0],
-             "real_mean": [-50.0, 20.0, 40.0], "real_std": [5.0, 6.0, 7.0], "episodes": 4, "seed": 0}
-    ax = figures.temperature_table(sweep).axes[0]
+def test_sweep_table_draws_dream_and_pooled_real_bars_and_each_run():
+    sweep = {"setting": "tau", "value": [0.5, 0.5, 1.3], "run_seed": [0, 1, 0],
+             "dream_mean": [300.0, 100.0, 50.0], "dream_std": [10.0, 30.0, 5.0],
+             "real_mean": [-50.0, 10.0, 40.0], "real_std": [0.0, 10.0, 0.0],
+             "scores": [[-50.0, -50.0], [0.0, 20.0], [40.0, 40.0]], "episodes": 2, "seed": 0}
+    ax = figures.sweep_table(sweep).axes[0]
     heights = [p.get_height() for p in ax.patches]
-    assert heights == sweep["dream_mean"] + sweep["real_mean"]
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["0.5", "1", "1.3"]
-    assert "env seeds 0..3" in ax.get_legend().get_texts()[1].get_text()
+    assert heights == [200.0, -20.0, 50.0, 40.0]  # per value: dream (mean of runs), real (all episodes pooled)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0.5", "1.3"]
+    dots = [line for line in ax.get_lines() if line.get_marker() == "."]
+    assert [list(d.get_ydata()) for d in dots] == [[-50.0, 10.0], [40.0]]
+    assert any("env seeds 0..1" in t.get_text() for t in ax.get_legend().get_texts())
+    ax = figures.sweep_table({**sweep, "setting": "inputs", "value": ["z", "z", "zh"]}).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["z (V only)", "z and h (V and M)"]
 
 
 def test_score_histogram_counts_every_episode_and_names_the_seeds():

@@ -247,23 +247,22 @@ def dream_sweep(agent_dir: Path, data_dir: Path, out: Path, cfg, setting: str, v
     encoded = load_encoded(data_dir, vae_id)
     rows: dict[str, list] = {k: [] for k in ("value", "run_seed", "dream_mean", "dream_std", "real_mean", "real_std",
                                              "scores")}
-    for value in values:
-        for r in range(runs):
-            c = dataclasses.replace(cfg, **{setting: value}, seed=cfg.seed + r, select_candidates=0, real_every=0)
-            run = out / f"{setting}_{format(value, 'g') if isinstance(value, float) else value}" / f"seed_{c.seed}"
-            evolve_in_dream(agent_dir, data_dir, vae_id, run, c)
-            x = history(run)["mean"][-1]
-            dream = np.asarray(population_returns(jax.random.PRNGKey(seed), jnp.asarray(x, jnp.float32)[None],
-                                                  dream_params(mdnrnn, encoded, c), dream_rollouts,
-                                                  c.episode_len))[0]
-            real = evaluate(agent_dir, episodes, seed=seed, workers=workers, max_steps=max_steps, fast=fast,
-                            controller_params=x, progress=False)
-            for k, v in (("value", value), ("run_seed", c.seed), ("dream_mean", float(dream.mean())),
-                         ("dream_std", float(dream.std())), ("real_mean", real["mean"]), ("real_std", real["std"]),
-                         ("scores", real["scores"])):
-                rows[k].append(v)
-            print(f"{setting} {value} (evolution seed {c.seed}): dream {dream.mean():.1f} +- {dream.std():.1f}, "
-                  f"real {real['mean']:.1f} +- {real['std']:.1f} ({episodes} episodes)", flush=True)
+    plan = [(value, dataclasses.replace(cfg, **{setting: value}, seed=cfg.seed + r, select_candidates=0,
+                                        real_every=0)) for value in values for r in range(runs)]  # bad values fail here
+    for value, c in plan:
+        run = out / f"{setting}_{format(value, 'g') if isinstance(value, float) else value}" / f"seed_{c.seed}"
+        evolve_in_dream(agent_dir, data_dir, vae_id, run, c)
+        x = history(run)["mean"][-1]
+        dream = np.asarray(population_returns(jax.random.PRNGKey(seed), jnp.asarray(x, jnp.float32)[None],
+                                              dream_params(mdnrnn, encoded, c), dream_rollouts, c.episode_len))[0]
+        real = evaluate(agent_dir, episodes, seed=seed, workers=workers, max_steps=max_steps, fast=fast,
+                        controller_params=x, progress=False)
+        for k, v in (("value", value), ("run_seed", c.seed), ("dream_mean", float(dream.mean())),
+                     ("dream_std", float(dream.std())), ("real_mean", real["mean"]), ("real_std", real["std"]),
+                     ("scores", real["scores"])):
+            rows[k].append(v)
+        print(f"{setting} {value} (evolution seed {c.seed}): dream {dream.mean():.1f} +- {dream.std():.1f}, "
+              f"real {real['mean']:.1f} +- {real['std']:.1f} ({episodes} episodes)", flush=True)
     result = {"setting": setting, **rows, "episodes": episodes, "seed": seed, "max_steps": max_steps,
               "evolve": dataclasses.asdict(cfg)}
     write_json(out / sweep_file(setting), result)
