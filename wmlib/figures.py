@@ -204,7 +204,7 @@ def sweep_table(sweep: dict):
     plt = _plt()
     label, tick = SWEEP_AXES[sweep["setting"]]
     values = list(dict.fromkeys(sweep["value"]))
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig, ax = plt.subplots(figsize=(6, 4.2))
     runs = sorted(set(sweep["run_seed"]))
     for i, v in enumerate(values):
         rows = [j for j, u in enumerate(sweep["value"]) if u == v]
@@ -221,7 +221,7 @@ def sweep_table(sweep: dict):
     ax.set_xticks(range(len(values)), [tick(v) for v in values])
     ax.set_xlabel(label)
     ax.set_ylabel("return (mean +- std)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22))  # below: bars stay readable
     fig.tight_layout()
     return fig
 
