@@ -4,14 +4,17 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from test_paths import relative_files, shipped_run_files
 from wmlib.config import PRETRAINED_DIR, SAMPLE_DIR
-from wmlib.pipeline import real_frames
 from wmlib.data import episode_files, load_episode
 from wmlib.evolve import history
+from wmlib.paths import PARTS, SHIPPED, RunPaths
+from wmlib.pipeline import real_frames
 
 ENV = {**os.environ, "WM_PRESET": "smoke"}
 pytestmark = pytest.mark.slow  # each test starts `wm` (and JAX) in subprocesses: left out of the quick unit run
@@ -58,14 +61,14 @@ def test_collect_bad_input_is_one_clear_line(tmp_path):
 
 
 def test_train_rnn_fine_tune_bad_input_names_the_file(tmp_path):
-    args = ["train-rnn", "--data", SAMPLE_DIR, "--vae", PRETRAINED_DIR / "vae.eqx", "--out", tmp_path / "m"]
-    proc = wm(*args, "--init", PRETRAINED_DIR / "vae.eqx", check=False)
+    args = ["train-rnn", "--data", SAMPLE_DIR, "--vae", SHIPPED.vae, "--out", tmp_path / "m"]
+    proc = wm(*args, "--init", SHIPPED.vae, check=False)
     assert (proc.returncode == 2
-            and f"{PRETRAINED_DIR / 'vae.eqx'} holds a vae checkpoint, expected a mdnrnn" in proc.stderr)
+            and f"{SHIPPED.vae} holds a vae checkpoint, expected a mdnrnn" in proc.stderr)
     other_v = tmp_path / "other_vae.eqx"
-    other_v.write_bytes((PRETRAINED_DIR / "vae.eqx").read_bytes() + b"\0")  # another file: another V id
+    other_v.write_bytes(SHIPPED.vae.read_bytes() + b"\0")  # another file: another V id
     proc = wm("train-rnn", "--data", SAMPLE_DIR, "--vae", other_v, "--out", tmp_path / "m",
-              "--init", PRETRAINED_DIR / "mdnrnn.eqx", check=False)
+              "--init", SHIPPED.mdnrnn, check=False)
     assert proc.returncode == 2 and "was trained on latents of V" in proc.stderr and str(other_v) in proc.stderr
     proc = wm(*args, "--reward-asymmetry", -1, check=False)
     assert proc.returncode == 2 and "--reward-asymmetry must be positive, got -1.0" in proc.stderr
@@ -93,7 +96,7 @@ def test_evaluate_prints_the_json_line_and_names_missing_parts(tmp_path):
     assert len(episode) == 40 and episode.total_reward == pytest.approx(kept["scores"][0], abs=1e-3)
     partial = tmp_path / "agent"
     partial.mkdir()
-    (partial / "vae.eqx").write_bytes((PRETRAINED_DIR / "vae.eqx").read_bytes())
+    (partial / "vae.eqx").write_bytes(SHIPPED.vae.read_bytes())
     proc = wm("evaluate", "--agent", partial, "--episodes", 1, check=False)
     assert proc.returncode == 2 and "has no M (mdnrnn.eqx is missing)" in proc.stderr
     proc = wm("evaluate", "--agent", PRETRAINED_DIR, "--episodes", 0, check=False)
@@ -102,7 +105,7 @@ def test_evaluate_prints_the_json_line_and_names_missing_parts(tmp_path):
 
 def test_evolve_in_the_real_environment_resumes(tmp_path):
     args = ["evolve", "--agent", PRETRAINED_DIR, "--where", "real", "--out", tmp_path, "--popsize", 3,
-            "--max-steps", 20, "--workers", 2, "--init", PRETRAINED_DIR / "controller.eqx"]
+            "--max-steps", 20, "--workers", 2, "--init", SHIPPED.agent_part("C")]
     first = last_json(wm(*args, "--generations", 1))
     resumed = last_json(wm(*args, "--generations", 2))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -116,10 +119,10 @@ def test_dream_sweep_writes_the_table_and_resumes(tmp_path):
     data.mkdir()
     for path in episode_files(SAMPLE_DIR)[:2]:
         (data / path.name).write_bytes(path.read_bytes())
-    wm("encode", "--data", data, "--vae", PRETRAINED_DIR / "vae.eqx")
+    wm("encode", "--data", data, "--vae", SHIPPED.vae)
     args = ["dream-sweep", "--agent", PRETRAINED_DIR, "--data", data, "--out", tmp_path / "sweep",
-            "--setting", "inputs", "--values", "z,zh", "--runs", 2, "--generations", 1, "--popsize", 4, "--repeats", 1, "--episodes", 2,
-            "--max-steps", 20, "--workers", 1]
+            "--setting", "inputs", "--values", "z,zh", "--runs", 2, "--generations", 1, "--popsize", 4,
+            "--repeats", 1, "--episodes", 2, "--max-steps", 20, "--workers", 1]
     first = last_json(wm(*args))
     table = json.loads((tmp_path / "sweep" / "inputs_sweep.json").read_text())
     assert table["value"] == first["value"] == ["z", "z", "zh", "zh"] and table["run_seed"] == [0, 1, 0, 1]
@@ -153,5 +156,14 @@ def test_pipeline_smoke_runs_every_stage_and_resumes(tmp_path):
     assert f"used by the method in all (data, real checks, selection of C): {12 * 60}" in proc.stdout
     again = wm("pipeline", "--preset", "smoke", "--run", tmp_path, "--workers", 2)
     assert "done earlier" in again.stdout  # resumed: every stage skipped
+    # `wm export` lays the final agent out exactly as the shipped one is (plus the selection of C, which
+    # the shipped agent's run did not make): the last iteration's agent, with the run's V
+    out = Path(last_json(wm("export", "--run", tmp_path, "--out", tmp_path / "export"))["out"])
+    assert relative_files(out) == shipped_run_files() | {"evolve/selection.json"}
+    final, exported = RunPaths(tmp_path).iteration(1), RunPaths(out)
+    for part in PARTS:
+        assert exported.agent_part(part).read_bytes() == final.agent_part(part).read_bytes()
+    assert exported.vae.read_bytes() == final.agent_part("V").read_bytes() == RunPaths(tmp_path).vae.read_bytes()
+    assert exported.eval.read_text() == final.eval.read_text()
     proc = wm("pipeline", "--preset", "tiny", "--run", tmp_path, check=False)
     assert proc.returncode == 2 and "valid presets: smoke, quick, full" in proc.stderr

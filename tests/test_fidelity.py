@@ -14,6 +14,7 @@ import scipy.stats
 from wmlib import fidelity
 from wmlib.cli import main
 from wmlib.config import PRETRAINED_DIR, SAMPLE_DIR, EvolveConfig
+from wmlib.paths import SHIPPED
 from wmlib.controller import n_params
 from wmlib.data import Episode, load_episode, save_episode
 from wmlib.fitness import dream_params
@@ -197,7 +198,7 @@ def sample_run(tmp_path_factory):
     steer[60:64], steer[90:94] = 0.9, -0.6
     save_episode(root / "data" / "recovery_000007.npz",
                  dataclasses.replace(jerky, actions=np.c_[steer, jerky.actions[:, 1:]].astype(np.float32)))
-    encode(root / "data", PRETRAINED_DIR / "vae.eqx", mirror=False)
+    encode(root / "data", SHIPPED.vae, mirror=False)
     np.savez(root / "history.npz", mean=np.random.default_rng(0).normal(0, 0.05, (4, n_params())),
              top=np.zeros((4, 1, n_params())), top_return=np.zeros((4, 1)))
     return root, root / "data", root
@@ -233,7 +234,7 @@ def test_cli_bad_input_names_the_file(sample_run, tmp_path, capsys):
     root, data, evolve = sample_run
     agent = tmp_path / "agent"
     agent.mkdir()
-    shutil.copy(PRETRAINED_DIR / "vae.eqx", agent / "vae.eqx")
+    shutil.copy(SHIPPED.vae, agent / "vae.eqx")
 
     def error(*args):
         assert main(["fidelity", *map(str, args)]) == 2

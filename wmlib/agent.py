@@ -11,7 +11,9 @@ With `z_mode="mean"` C gets V's mean instead: with most latent dimensions at the
 two differ a lot in spread, so a C evolved on sampled z can act differently on means. The noise of
 an episode comes from the generator given to `reset`, so an episode is reproduced by its seeds.
 
-An agent folder holds `vae.eqx`, `mdnrnn.eqx` and `controller.eqx` (`data/pretrained` is one).
+An agent folder holds `vae.eqx`, `mdnrnn.eqx` and `controller.eqx` (`PARTS`). Wherever an agent folder
+is read, a run folder (a pipeline run, or `data/pretrained`) may be given instead: it stands for its
+final agent (`agent_folder`).
 """
 
 from __future__ import annotations
@@ -29,15 +31,30 @@ from wmlib.controller import Controller, check_fits, from_flat, load_controller,
 from wmlib.env import FRAME_SHAPE
 from wmlib.errors import WMError
 from wmlib.mdnrnn import MDNRNN, load_mdnrnn
+from wmlib.paths import PARTS, RunPaths
 from wmlib.vae import load_vae
 
-PARTS = {"V": "vae.eqx", "M": "mdnrnn.eqx", "C": "controller.eqx"}
 Z_MODES = ("sample", "mean")
 
 
+def agent_folder(folder: str | os.PathLike) -> Path:
+    """`folder` itself when it holds any of the agent's files (`PARTS`), else the final agent of the run
+    in `folder` (`RunPaths.final`). Neither: an error naming the folder and what was expected."""
+    folder = Path(folder)
+    if any((folder / name).is_file() for name in PARTS.values()):
+        return folder
+    final = RunPaths(folder).final().agent_dir
+    if any((final / name).is_file() for name in PARTS.values()):
+        return final
+    raise FileNotFoundError(f"{folder} is neither an agent folder ({', '.join(PARTS.values())}) nor a run "
+                            f"folder with its agent in agent/ (or iter_K/agent/)")
+
+
 def part_path(folder: str | os.PathLike, part: str) -> Path:
-    """The file of part "V", "M" or "C" in an agent folder; a missing one is named in the error."""
-    path = Path(folder) / PARTS[part]
+    """The file of part "V", "M" or "C" of an agent folder or a run's final agent; a missing one is named
+    in the error."""
+    folder = agent_folder(folder)
+    path = folder / PARTS[part]
     if not path.is_file():
         raise FileNotFoundError(f"agent folder {folder} has no {part} ({PARTS[part]} is missing)")
     return path
@@ -109,7 +126,8 @@ class Agent:
     @classmethod
     def load(cls, folder: str | os.PathLike, controller_params: np.ndarray | None = None,
              z_mode: str = "sample") -> "Agent":
-        """Load an agent folder; with `controller_params` (flat vector) C comes from them instead."""
+        """Load an agent folder (or a run's final agent); with `controller_params` (flat vector) C comes
+        from them instead."""
         vae, _ = load_vae(part_path(folder, "V"))
         mdnrnn, _ = load_mdnrnn(part_path(folder, "M"))
         if controller_params is None:

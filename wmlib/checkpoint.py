@@ -75,18 +75,3 @@ def load(path: str | os.PathLike, kind: str, build: Callable[[dict], ModuleT]) -
         raise CheckpointError(f"{path}: cannot read the {kind} weights ({type(e).__name__}: {e})") from None
     return module, header
 
-
-def find_artifact(name: str, *folders: str | os.PathLike) -> Path:
-    """The first `folders[i]/name` that exists, else `data/pretrained/name` (shipped with the project).
-
-    This is how a lesson loads the previous stage's output when it has been run, and the pretrained
-    one otherwise, so any notebook can start on its own.
-    """
-    from wmlib.config import PRETRAINED_DIR
-
-    candidates = [Path(f) / name for f in folders] + [PRETRAINED_DIR / name]
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"no {name} in {', '.join(str(c.parent) for c in candidates)}; "
-                            "run the earlier stage (or its notebook) first")

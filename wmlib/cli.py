@@ -64,13 +64,13 @@ def _preset(args, flags: dict | None = None):
 
 
 def cmd_train_vae(args) -> None:
-    from wmlib.vae import train_vae
-
     from wmlib.files import read_jsonl
+    from wmlib.paths import METRICS
+    from wmlib.vae import train_vae
 
     cfg = _preset(args, {"vae.steps": args.steps}).vae
     train_vae(args.data, args.out, cfg)
-    val = [r for r in read_jsonl(Path(args.out) / "metrics.jsonl") if "val_pixel_mse" in r]
+    val = [r for r in read_jsonl(Path(args.out) / METRICS) if "val_pixel_mse" in r]
     if val:  # the quality bar: held-out MSE against always predicting the mean frame
         mse, base = val[-1]["val_pixel_mse"], val[-1]["val_mean_frame_mse"]
         print(json.dumps({"step": val[-1]["step"], "val_pixel_mse": mse, "mean_frame_mse": base, "ratio": mse / base}))
@@ -109,6 +109,7 @@ def cmd_train_rnn(args) -> None:
 def cmd_evolve(args) -> None:
     import numpy as np
 
+    from wmlib.paths import PARTS
     from wmlib.pipeline import evolve_in_dream, evolve_in_real, vae_id_of
 
     if args.frame_budget is not None and args.frame_budget <= 0:
@@ -122,7 +123,7 @@ def cmd_evolve(args) -> None:
 
         init = Path(args.init)
         if init.is_dir():  # an agent folder: its C, which must have been made for the same V and M
-            from wmlib.agent import PARTS, part_path
+            from wmlib.agent import part_path
 
             for part in ("V", "M"):
                 if vae_id_of(part_path(init, part)) != vae_id_of(part_path(agent, part)):
@@ -136,10 +137,12 @@ def cmd_evolve(args) -> None:
     else:
         if not args.data:
             raise WMError("--data (an encoded collection to start dreams from) is needed with --where dream")
-        result = evolve_in_dream(agent, Path(args.data), vae_id_of(agent / "vae.eqx"), Path(args.out), cfg, x0=x0,
-                                 workers=args.workers, fast=not args.stock)
+        from wmlib.agent import part_path
+
+        result = evolve_in_dream(agent, Path(args.data), vae_id_of(part_path(agent, "V")), Path(args.out), cfg,
+                                 x0=x0, workers=args.workers, fast=not args.stock)
     print(json.dumps({"best_return": result.best_return, "where": args.where, "generations": result.generations,
-                      "controller": str(Path(args.out) / "controller.eqx")}))
+                      "controller": str(Path(args.out) / PARTS["C"])}))
 
 
 def cmd_evaluate(args) -> None:
@@ -159,12 +162,12 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_iterate(args) -> None:
+    from wmlib.config import preset_from_dict
+    from wmlib.paths import RunPaths
     from wmlib.pipeline import Stages, format_summary, iterate, summary
 
-    from wmlib.config import preset_from_dict
-
     run = Path(args.run)
-    preset = preset_from_dict(json.loads((run / "config.json").read_text()))  # the settings the run started with
+    preset = preset_from_dict(json.loads(RunPaths(run).config.read_text()))  # the settings the run started with
     stages = Stages(run)
     i = 1 + sum(1 for k in stages.done if k.startswith("iter_") and k.endswith("/evaluate"))
     iterate(run, i, preset, stages, args.workers, fast=not args.stock)
@@ -340,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evolve)
 
     p = sub.add_parser("evaluate", help="run an agent on real episodes; prints a JSON line")
-    p.add_argument("--agent", required=True, help="folder with vae.eqx, mdnrnn.eqx, controller.eqx")
+    p.add_argument("--agent", required=True, help="agent folder (vae.eqx, mdnrnn.eqx, controller.eqx), or a run "
+                                                  "folder for its final agent (e.g. data/pretrained)")
     p.add_argument("--episodes", type=_positive_int, default=100)
     p.add_argument("--seed", type=int, default=0, help="episode i runs on env seed SEED+i")
     p.add_argument("--max-steps", type=_positive_int, default=1000)
@@ -361,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     from wmlib.config import PRETRAINED_DIR, PROJECT_ROOT, SAMPLE_DIR
 
     p = sub.add_parser("figures", help="render the lessons' key figures from an agent (default: the shipped one)")
-    p.add_argument("--agent", default=str(PRETRAINED_DIR), help="agent folder with V, M, C, their logs and eval.json")
+    p.add_argument("--agent", default=str(PRETRAINED_DIR),
+                   help="run folder laid out like data/pretrained: agent, logs, eval.json and the dream sweeps")
     p.add_argument("--data", default=str(SAMPLE_DIR), help="collection of episodes to picture (one per policy)")
     p.add_argument("--out", default=str(PROJECT_ROOT / "docs" / "figures"),
                    help="folder for the PNGs (default: docs/figures)")
@@ -417,9 +422,10 @@ def build_parser() -> argparse.ArgumentParser:
     env_args(p)
     p.set_defaults(func=cmd_dream_sweep)
 
-    p = sub.add_parser("export", help="copy a pipeline run's final agent and its logs into a folder (data/pretrained)")
+    p = sub.add_parser("export", help="copy a pipeline run's final agent and its logs into a folder laid out as a "
+                                      "run (data/pretrained)")
     p.add_argument("--run", required=True, help="pipeline run folder")
-    p.add_argument("--out", required=True, help="agent folder to write, e.g. data/pretrained")
+    p.add_argument("--out", required=True, help="folder to write, e.g. data/pretrained")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("pipeline", help="the whole method, resumable, with a summary")

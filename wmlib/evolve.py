@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from wmlib.config import EvolveConfig
 from wmlib.controller import from_flat, save_controller
 from wmlib.files import append_jsonl, atomic_write, read_jsonl, write_json
+from wmlib.paths import METRICS
 from wmlib.errors import WMError
 
 OPTIMIZERS = ("pycma", "evosax")
@@ -225,7 +226,7 @@ def evolve(fitness: Callable[[jax.Array, np.ndarray], np.ndarray], n_params: int
             raise WMError(f"{run_dir} holds an evolution with other settings ({'; '.join(changed)}); "
                           "resume with the same settings or use a new folder")
     write_json(run_dir / CONFIG_FILE, settings)
-    metrics_path, state_path = run_dir / "metrics.jsonl", run_dir / STATE_FILE
+    metrics_path, state_path = run_dir / METRICS, run_dir / STATE_FILE
     base_key = jax.random.PRNGKey(cfg.seed)
 
     def keys(g: int) -> jax.Array:

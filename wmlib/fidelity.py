@@ -582,6 +582,7 @@ def fidelity_report(agent_dir: str | os.PathLike, data_dir: str | os.PathLike, e
     from wmlib.files import ensure_dir, write_json
     from wmlib.fitness import dream_params
     from wmlib.mdnrnn import load_mdnrnn
+    from wmlib.paths import FIDELITY
     from wmlib.pipeline import vae_id_of
     from wmlib.sim2real import predict_along_episode
     from wmlib.vae import load_vae
@@ -603,7 +604,7 @@ def fidelity_report(agent_dir: str | os.PathLike, data_dir: str | os.PathLike, e
     except EpisodeError as e:
         raise EpisodeError(f"{e}. {encoded_dir(data_dir, vae_id)}/*.npz would hold V's encoding of every episode "
                            f"(mu, logvar, actions, rewards): encoding the collection with "
-                           f"{agent_dir / 'vae.eqx'} writes them") from None
+                           f"{part_path(agent_dir, 'V')} writes them") from None
     dream = dream_params(mdnrnn, encoded, cfg, horizon=max(horizons))
     out = ensure_dir(out_dir, "fidelity output folder")
 
@@ -635,7 +636,7 @@ def fidelity_report(agent_dir: str | os.PathLike, data_dir: str | os.PathLike, e
     report = {"agent": str(agent_dir), "data": str(data_dir), "evolve": str(evolve_dir),
               "dream": dataclasses.asdict(cfg), "rank": rank, "bends": bend, "bend_detector_vs_geometry": check,
               "reward": calibration["drivers"], "steering": steering}
-    write_json(out / "fidelity.json", report)
+    write_json(out / FIDELITY, report)
     save(rank_figure(rank), out / "fidelity_rank.png")
     save(bend_figure(bend), out / "fidelity_bends.png")
     save(reward_figure(calibration), out / "fidelity_reward.png")

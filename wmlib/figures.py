@@ -272,34 +272,37 @@ def save(fig, path: str | os.PathLike, dpi: int = 80) -> Path:
     return Path(path)
 
 
-def render_all(out_dir: str | os.PathLike, agent_dir: str | os.PathLike, data_dir: str | os.PathLike,
+def render_all(out_dir: str | os.PathLike, run_dir: str | os.PathLike, data_dir: str | os.PathLike,
                seed: int = 0) -> list[Path]:
-    """Render every figure of `FIGURES` into `out_dir` from an agent folder (V, M, C and their
-    *_metrics.jsonl and eval.json, as in data/pretrained), a collection of episodes (data/sample) and
-    one real episode of the agent on env seed `seed`."""
+    """Render every figure of `FIGURES` into `out_dir` from a run folder laid out like data/pretrained
+    (`paths.RunPaths`: its agent, the metrics of V, M and the evolution, eval.json, and the dream sweeps
+    tau_sweep.json and inputs_sweep.json beside them), a collection of episodes (data/sample) and one
+    real episode of the agent on env seed `seed`."""
     import jax
 
     from wmlib.agent import Agent
     from wmlib.data import episode_files, load_episode
     from wmlib.dream import DreamParams, make_start_bank, rollout_trajectory
     from wmlib.files import read_jsonl
+    from wmlib.paths import RunPaths
+    from wmlib.pipeline import sweep_file
     from wmlib.rollouts import EpisodeSpec, run_episode
     from wmlib.sim2real import episode_panels, predict_along_episode, worst_moment
     from wmlib import viz
     from wmlib.viz import filmstrip, filmstrip_rows, latent_sweep, recon_panel, vstack
     from wmlib.vae import decode_latents, encode_frames, reconstruct
 
-    out, agent_dir, data_dir = Path(out_dir), Path(agent_dir), Path(data_dir)
-    for name in ("vae_metrics.jsonl", "mdnrnn_metrics.jsonl", "evolve_metrics.jsonl", "eval.json", "tau_sweep.json",
-                 "inputs_sweep.json"):
-        if not (agent_dir / name).is_file():
-            raise FileNotFoundError(f"{agent_dir / name} is missing: the agent folder must be like data/pretrained "
-                                    "(V, M, C, their *_metrics.jsonl, eval.json, tau_sweep.json and "
-                                    "inputs_sweep.json)")
+    out, run, data_dir = Path(out_dir), RunPaths(run_dir), Path(data_dir)
+    sweeps = {setting: run.root / sweep_file(setting) for setting in ("tau", "inputs")}
+    for path in (run.vae_metrics, run.mdnrnn_metrics, run.evolve_metrics, run.eval, *sweeps.values()):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: the run folder must be laid out like data/pretrained "
+                                    "(agent/, the metrics.jsonl of vae/, mdnrnn/ and evolve/, eval.json, "
+                                    "tau_sweep.json and inputs_sweep.json)")
     files = episode_files(data_dir)
     if not files:
         raise FileNotFoundError(f"no episodes (*.npz) in {data_dir}: the data must be a collection like data/sample")
-    agent = Agent.load(agent_dir)
+    agent = Agent.load(run.agent_dir)
     vae, mdnrnn = agent.vae, agent.mdnrnn
     decode = lambda zs: decode_latents(vae, zs)  # noqa: E731
     episodes = {ep.policy: ep for ep in map(load_episode, files)}
@@ -308,14 +311,14 @@ def render_all(out_dir: str | os.PathLike, agent_dir: str | os.PathLike, data_di
     def put(name, fig):
         written.append(save(fig, out / name))
 
-    def records(name, stage):
-        return [r for r in read_jsonl(agent_dir / name) if r.get("stage") == stage]
+    def records(path, stage):
+        return [r for r in read_jsonl(path) if r.get("stage") == stage]
 
     put("01_policies.png", policy_filmstrips(episodes))
 
     frames = np.concatenate([ep.frames for ep in episodes.values()])
     picks = np.linspace(0, len(frames) - 1, 4).astype(int)
-    put("02_vae_curves.png", vae_curves(records("vae_metrics.jsonl", "vae")))
+    put("02_vae_curves.png", vae_curves(records(run.vae_metrics, "vae")))
     put("02_reconstructions.png", picture(vstack([recon_panel(f, r) for f, r in
                                                   zip(frames[picks], reconstruct(vae, frames[picks]))]), width=9))
     mu, logvar = encode_frames(vae, frames)  # every sample frame, once; split per episode below
@@ -326,7 +329,7 @@ def render_all(out_dir: str | os.PathLike, agent_dir: str | os.PathLike, data_di
     put("02_latent_sweep.png", picture(latent_sweep(decode, mu[len(mu) // 2], [int(d) for d in np.argsort(-kl)[:6]]),
                                        "each row: one dimension at -3 ... +3", width=8))
 
-    put("03_mdnrnn_curves.png", mdnrnn_curves(records("mdnrnn_metrics.jsonl", "mdnrnn")))
+    put("03_mdnrnn_curves.png", mdnrnn_curves(records(run.mdnrnn_metrics, "mdnrnn")))
     name = "heuristic" if "heuristic" in episodes else next(iter(episodes))  # a driver that stays on the road
     ep, ep_mu = episodes[name], encoded[name][0]
     start = min(60, len(ep) - 2)
@@ -338,7 +341,7 @@ def render_all(out_dir: str | os.PathLike, agent_dir: str | os.PathLike, data_di
                                         tau=tau)["frames"], n=8) for tau in (0.3, 1.0, 1.6)]
     put("03_temperature.png", picture(vstack(rows, pad=6), "tau = 0.3 (top), 1.0, 1.6 (bottom)"))
 
-    put("04_fitness.png", fitness(records("evolve_metrics.jsonl", "evolve"), "evolution of the shipped controller"))
+    put("04_fitness.png", fitness(records(run.evolve_metrics, "evolve"), "evolution of the shipped controller"))
     bank = make_start_bank([m for m, _ in encoded.values()], [lv for _, lv in encoded.values()],
                            [e.actions for e in episodes.values()])
     ret, traj = rollout_trajectory(jax.random.PRNGKey(7), agent.controller, DreamParams(mdnrnn, bank), 200)
@@ -346,11 +349,11 @@ def render_all(out_dir: str | os.PathLike, agent_dir: str | os.PathLike, data_di
                                         f"the shipped controller in M's dream: return {float(ret):.0f} "
                                         f"over 200 steps"))
 
-    put("04_temperature_table.png", sweep_table(json.loads((agent_dir / "tau_sweep.json").read_text())))
-    put("04_inputs_table.png", sweep_table(json.loads((agent_dir / "inputs_sweep.json").read_text())))
+    put("04_temperature_table.png", sweep_table(json.loads(sweeps["tau"].read_text())))
+    put("04_inputs_table.png", sweep_table(json.loads(sweeps["inputs"].read_text())))
 
-    put("05_scores.png", score_histogram(json.loads((agent_dir / "eval.json").read_text())))
-    real = run_episode(EpisodeSpec("controller", seed, 1000, True, {"agent": str(agent_dir)}))
+    put("05_scores.png", score_histogram(json.loads(run.eval.read_text())))
+    real = run_episode(EpisodeSpec("controller", seed, 1000, True, {"agent": str(run.agent_dir)}))
     panels = episode_panels(vae, mdnrnn, real)
     t = worst_moment(real.rewards)
     put("05_worst_moment.png", picture(filmstrip_rows([panels["frame"], panels["recon"], panels["dream"]],

@@ -103,6 +103,7 @@ def imitation_bound(agent_dir: str | os.PathLike, heuristic_episodes: list, out:
     {"rounds": [{labels, return_mean}], "frames"} (real frames driven by the DAgger rounds)."""
     from wmlib.agent import part_path
     from wmlib.config import check_seeds
+    from wmlib.paths import PARTS
     from wmlib.mdnrnn import load_mdnrnn
     from wmlib.pipeline import assemble_agent
     from wmlib.vae import load_vae
@@ -118,14 +119,14 @@ def imitation_bound(agent_dir: str | os.PathLike, heuristic_episodes: list, out:
         feats.append(np.asarray(_features(vae, mdnrnn, jnp.asarray(ep.frames), jnp.asarray(ep.actions), next(keys))))
         targets.append(action_targets(ep.actions))
     out = Path(out)
-    assemble_agent(out, Path(agent_dir) / "vae.eqx", Path(agent_dir) / "mdnrnn.eqx")
+    assemble_agent(out, part_path(agent_dir, "V"), part_path(agent_dir, "M"))
     log, frames = [], 0
     for r in range(rounds + 1):
         W, b = fit_linear(np.concatenate(feats), np.concatenate(targets), ridge)
         controller = Controller(mdnrnn.z_dim, mdnrnn.hidden)
         controller = eqx.tree_at(lambda c: (c.weight, c.bias), controller,
                                  (jnp.asarray(W, jnp.float32), jnp.asarray(b, jnp.float32)))
-        save_controller(out / "controller.eqx", controller, extra={"imitation_round": r})
+        save_controller(out / PARTS["C"], controller, extra={"imitation_round": r})
         entry: dict[str, float] = {"round": r, "labels": int(sum(len(t) for t in targets))}
         if r < rounds:
             params = np.concatenate([W.reshape(-1), b]).tolist()

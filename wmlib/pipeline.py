@@ -1,15 +1,12 @@
 """The whole method as one resumable run: collect -> V -> encode -> M -> evolve -> evaluate -> iterate.
 
-A run folder holds every stage's output:
-  config.json       the preset the run was started with (every setting); a resume with other settings
-                    refuses and names them, except more sim2real iterations (`GROWABLE`)
-  data/             real episodes of every policy (and, after iterations, the agent's own), encoded/
-  vae/ mdnrnn/      checkpoints and metrics of V and M
-  evolve/           the CMA-ES state, history and metrics, the best dream controller, and (with
-                    select_candidates) selection.json: candidates scored on selection-range tracks
-  agent/            V, M and C together: what `wm evaluate --agent` reads
-  iter_K/           each sim2real iteration: its M, evolution, agent and evaluation
-  stages.json       which stages are done and their wall time; a re-run skips them
+A run folder holds every stage's output, laid out as `paths.RunPaths` names it: config.json (the
+preset the run was started with; a resume with other settings refuses and names them, except more
+sim2real iterations, `GROWABLE`), data/ (real episodes of every policy and, after iterations, the
+agent's own), vae/, mdnrnn/, evolve/ (the CMA-ES state, history and metrics, the best dream controller
+and, with select_candidates, the one chosen on selection-range tracks), agent/ (V, M and C together:
+what `wm evaluate --agent` reads), eval.json, iter_K/ (each sim2real iteration: its M, evolution,
+agent and evaluation) and stages.json (which stages are done; a re-run skips them).
 
 Env seeds: collections use the training range, every real episode that helps choose C the selection
 range, and only the final evaluation the test range (`config.SEED_RANGES`; `seed_plan` lists them
@@ -32,7 +29,8 @@ import numpy as np
 from wmlib.config import Preset, changed_settings, check_seeds, preset_from_dict
 from wmlib.data import load_encoded, read_manifest
 from wmlib.errors import WMError
-from wmlib.files import read_jsonl, write_json
+from wmlib.files import atomic_write, read_jsonl, write_json
+from wmlib.paths import FIDELITY, PARTS, RunPaths
 
 DATA_SEED_STRIDE = 100_000  # policy k / iteration i collect on env seeds base + stride * (k or i)
 GROWABLE = ("iterations",)  # settings a resumed run may raise: the done stages stay valid, new ones follow
@@ -68,7 +66,7 @@ class Stages:
     """Book-keeping of a run's stages in stages.json: skip what is done, time what runs."""
 
     def __init__(self, run_dir: Path):
-        self.path = run_dir / "stages.json"
+        self.path = RunPaths(run_dir).stages
         self.done = json.loads(self.path.read_text()) if self.path.exists() else {}
 
     def run(self, name: str, fn, *args, **kwargs):
@@ -90,14 +88,14 @@ def vae_id_of(path: str | os.PathLike) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
 
 
-def matching_vae(mdnrnn_path: str | os.PathLike, *folders: str | os.PathLike) -> Path:
-    """The V that M at `mdnrnn_path` was trained with: the first FOLDER/vae.eqx (then the shipped one)
-    whose id matches the one recorded in M's checkpoint. M only understands its own V's latents."""
+def matching_vae(mdnrnn_path: str | os.PathLike, *candidates: Path) -> Path:
+    """The V that M at `mdnrnn_path` was trained with: the first of `candidates` (V checkpoints), then the
+    shipped V, whose id matches the one recorded in M's checkpoint. M only understands its own V's latents."""
     from wmlib.checkpoint import read_header
-    from wmlib.config import PRETRAINED_DIR
+    from wmlib.paths import SHIPPED
 
     wanted = read_header(mdnrnn_path)["extra"].get("vae_id")
-    candidates = [Path(f) / "vae.eqx" for f in folders] + [PRETRAINED_DIR / "vae.eqx"]
+    candidates = (*candidates, SHIPPED.vae)
     for path in candidates:
         if path.is_file() and vae_id_of(path) == wanted:
             return path
@@ -107,13 +105,18 @@ def matching_vae(mdnrnn_path: str | os.PathLike, *folders: str | os.PathLike) ->
 
 def assemble_agent(folder: Path, vae: Path, mdnrnn: Path, controller: Path | None = None) -> Path:
     """Copy V, M (and C) into an agent folder, the unit that `evaluate` and the notebooks load."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for src, name in ((vae, "vae.eqx"), (mdnrnn, "mdnrnn.eqx"), (controller, "controller.eqx")):
+    for src, part in ((vae, "V"), (mdnrnn, "M"), (controller, "C")):
         if src is not None:
-            tmp = folder / f".{name}.tmp"
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, folder / name)
+            copy_file(src, folder / PARTS[part])
     return folder
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    """Copy `src` to `dst` atomically (a temporary file beside `dst`, then a rename), making dst's folder."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.tmp"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def collect_data(preset: Preset, data_dir: Path, workers: int | None, fast: bool) -> None:
@@ -142,76 +145,79 @@ def _start(x0, free: np.ndarray):
 
 def evolve_in_dream(agent_dir: Path, data_dir: Path, vae_id: str, out: Path, cfg, x0=None,
                     workers: int | None = None, fast: bool = True):
+    from wmlib.agent import part_path
     from wmlib.controller import free_params, n_params
     from wmlib.evaluate import evaluate
     from wmlib.evolve import controller_saver, evolve
     from wmlib.fitness import dream_fitness
     from wmlib.mdnrnn import load_mdnrnn
 
-    mdnrnn, _ = load_mdnrnn(agent_dir / "mdnrnn.eqx")
+    mdnrnn, _ = load_mdnrnn(part_path(agent_dir, "M"))
     fitness = dream_fitness(mdnrnn, load_encoded(data_dir, vae_id), cfg)
 
     def real_score(params):
         return evaluate(agent_dir, cfg.real_episodes, seed=cfg.real_seed, workers=workers, fast=fast,
                         controller_params=params, progress=False)
 
-    save_best = controller_saver(out / "controller.eqx", mdnrnn.z_dim, mdnrnn.hidden, optimizer=cfg.optimizer)
+    save_best = controller_saver(out / PARTS["C"], mdnrnn.z_dim, mdnrnn.hidden, optimizer=cfg.optimizer)
     free = free_params(mdnrnn.z_dim, mdnrnn.hidden, cfg.inputs)
     return evolve(fitness, n_params(mdnrnn.z_dim, mdnrnn.hidden), cfg, out, x0=_start(x0, free), on_best=save_best,
                   real_score=real_score if cfg.real_every else None, free=free)
 
 
-def select_controller(agent_dir: Path, evolve_dir: Path, cfg, max_steps: int = 1000, workers: int | None = None,
+def select_controller(stage: RunPaths, cfg, max_steps: int = 1000, workers: int | None = None,
                       fast: bool = True) -> dict:
     """Choose C by reality, not by the dream: the final search mean and the `select_candidates - 1`
-    best candidates of the last 5 generations (by dream return) each drive `select_episodes` real
-    episodes on selection-range tracks; the best real mean wins. Writes EVOLVE_DIR/selected.eqx and
-    selection.json (every candidate's scores and the real frames used)."""
+    best candidates of the last 5 generations of `stage`'s evolution (by dream return), each with the
+    stage's V and M, drive `select_episodes` real episodes on selection-range tracks; the best real
+    mean wins. Writes `stage.selected` and `stage.selection` (every candidate's scores and the real
+    frames used)."""
     from wmlib.controller import from_flat, save_controller
     from wmlib.evaluate import evaluate
     from wmlib.evolve import history
     from wmlib.mdnrnn import load_mdnrnn
 
-    h = history(evolve_dir)
+    h = history(stage.evolve_dir)
     top, top_ret = h["top"][-5:].reshape(-1, h["top"].shape[-1]), h["top_return"][-5:].reshape(-1)
     order = np.argsort(-top_ret)[:max(cfg.select_candidates - 1, 0)]
     candidates = [("mean", h["mean"][-1], float("nan"))] + [(f"top_{j}", top[i], float(top_ret[i]))
                                                            for j, i in enumerate(order)]
     rows = []
     for name, x, dream in candidates:
-        r = evaluate(agent_dir, cfg.select_episodes, seed=cfg.real_seed, workers=workers, max_steps=max_steps,
+        r = evaluate(stage.agent_dir, cfg.select_episodes, seed=cfg.real_seed, workers=workers, max_steps=max_steps,
                      fast=fast, controller_params=x, progress=False)
         rows.append({"name": name, "dream_return": dream, "real_mean": r["mean"], "real_std": r["std"],
                      "scores": r["scores"], "frames": r["frames"]})
         print(f"  candidate {name}: dream {dream:.1f}, real {r['mean']:.1f} +- {r['std']:.1f} "
               f"({cfg.select_episodes} selection tracks)")
     best = int(np.argmax([r["real_mean"] for r in rows]))
-    m, _ = load_mdnrnn(agent_dir / "mdnrnn.eqx")
-    save_controller(evolve_dir / "selected.eqx", from_flat(jnp.asarray(candidates[best][1], jnp.float32), m.z_dim,
-                                                           m.hidden), extra={"selected": rows[best]["name"]})
+    m, _ = load_mdnrnn(stage.agent_part("M"))
+    save_controller(stage.selected, from_flat(jnp.asarray(candidates[best][1], jnp.float32), m.z_dim, m.hidden),
+                    extra={"selected": rows[best]["name"]})
     result = {"chosen": rows[best]["name"], "seed": cfg.real_seed, "episodes": cfg.select_episodes,
               "frames": sum(r["frames"] for r in rows), "candidates": rows}
-    write_json(evolve_dir / "selection.json", result)
+    write_json(stage.selection, result)
     return result
 
 
-def chosen_controller(evolve_dir: Path, cfg) -> Path:
+def chosen_controller(stage: RunPaths, cfg) -> Path:
     """The controller an evolution stage hands on: the selected one, else the best in the dream."""
-    return evolve_dir / ("selected.eqx" if cfg.select_candidates else "controller.eqx")
+    return stage.selected if cfg.select_candidates else stage.dream_best
 
 
 def evolve_in_real(agent_dir: Path, out: Path, cfg, max_steps: int = 1000, x0=None, workers: int | None = None,
                    fast: bool = True, batch: int = 16, patience: int | None = 100):
     """CMA-ES with every candidate scored on real episodes (population x repeats over the workers, in
     lockstep blocks of `batch`; an episode ends after `patience` steps without a new tile)."""
+    from wmlib.agent import part_path
     from wmlib.controller import free_params, n_params
     from wmlib.evolve import controller_saver, evolve
     from wmlib.fitness import RealFitness
     from wmlib.mdnrnn import load_mdnrnn
 
-    mdnrnn, _ = load_mdnrnn(agent_dir / "mdnrnn.eqx")
+    mdnrnn, _ = load_mdnrnn(part_path(agent_dir, "M"))
     fitness = RealFitness(agent_dir, cfg.repeats, max_steps, workers, fast, batch, patience)
-    save_best = controller_saver(out / "controller.eqx", mdnrnn.z_dim, mdnrnn.hidden, optimizer=cfg.optimizer)
+    save_best = controller_saver(out / PARTS["C"], mdnrnn.z_dim, mdnrnn.hidden, optimizer=cfg.optimizer)
     free = free_params(mdnrnn.z_dim, mdnrnn.hidden, cfg.inputs)
     return evolve(fitness, n_params(mdnrnn.z_dim, mdnrnn.hidden), cfg, out, x0=_start(x0, free), on_best=save_best,
                   stage="evolve", free=free)
@@ -236,14 +242,15 @@ def dream_sweep(agent_dir: Path, data_dir: Path, out: Path, cfg, setting: str, v
     per (value, run): {"setting", "value", "run_seed", "dream_mean", "dream_std", "real_mean",
     "real_std", "scores", "episodes", "seed", "max_steps", "evolve"}.
     """
+    from wmlib.agent import part_path
     from wmlib.dream import population_returns
     from wmlib.evaluate import evaluate
     from wmlib.evolve import history
     from wmlib.fitness import dream_params
     from wmlib.mdnrnn import load_mdnrnn
 
-    vae_id = vae_id_of(agent_dir / "vae.eqx")
-    mdnrnn, _ = load_mdnrnn(agent_dir / "mdnrnn.eqx")
+    vae_id = vae_id_of(part_path(agent_dir, "V"))
+    mdnrnn, _ = load_mdnrnn(part_path(agent_dir, "M"))
     encoded = load_encoded(data_dir, vae_id)
     rows: dict[str, list] = {k: [] for k in ("value", "run_seed", "dream_mean", "dream_std", "real_mean", "real_std",
                                              "scores")}
@@ -283,22 +290,19 @@ def train_stages(run_dir: Path, preset: Preset, stages: Stages, workers: int | N
     from wmlib.mdnrnn import train_mdnrnn
     from wmlib.vae import train_vae
 
-    data_dir = run_dir / "data"
-    stages.run("collect", collect_data, preset, data_dir, workers, fast)
-    stages.run("vae", train_vae, data_dir, run_dir / "vae", preset.vae)
-    vae_path = run_dir / "vae" / "vae.eqx"
-    vae_id = vae_id_of(vae_path)
-    stages.run("encode", encode, data_dir, vae_path, preset.collect.mirror)
-    stages.run("mdnrnn", train_mdnrnn, load_encoded(data_dir, vae_id), run_dir / "mdnrnn", preset.rnn, vae_id)
-    agent = assemble_agent(run_dir / "agent", vae_path, run_dir / "mdnrnn" / "mdnrnn.eqx")
-    stages.run("evolve", evolve_in_dream, agent, data_dir, vae_id, run_dir / "evolve", preset.evolve,
+    run = RunPaths(run_dir)
+    stages.run("collect", collect_data, preset, run.data, workers, fast)
+    stages.run("vae", train_vae, run.data, run.vae_dir, preset.vae)
+    vae_id = vae_id_of(run.vae)
+    stages.run("encode", encode, run.data, run.vae, preset.collect.mirror)
+    stages.run("mdnrnn", train_mdnrnn, load_encoded(run.data, vae_id), run.mdnrnn_dir, preset.rnn, vae_id)
+    assemble_agent(run.agent_dir, run.vae, run.mdnrnn)
+    stages.run("evolve", evolve_in_dream, run.agent_dir, run.data, vae_id, run.evolve_dir, preset.evolve,
                workers=workers, fast=fast)
     if preset.evolve.select_candidates:
-        stages.run("select", select_controller, agent, run_dir / "evolve", preset.evolve, preset.evaluate.max_steps,
-                   workers, fast)
-    assemble_agent(agent, vae_path, run_dir / "mdnrnn" / "mdnrnn.eqx", chosen_controller(run_dir / "evolve",
-                                                                                         preset.evolve))
-    stages.run("evaluate", evaluate_agent, agent, preset, run_dir / "eval.json", workers, fast)
+        stages.run("select", select_controller, run, preset.evolve, preset.evaluate.max_steps, workers, fast)
+    assemble_agent(run.agent_dir, run.vae, run.mdnrnn, chosen_controller(run, preset.evolve))
+    stages.run("evaluate", evaluate_agent, run.agent_dir, preset, run.eval, workers, fast)
 
 
 def iterate(run_dir: Path, i: int, preset: Preset, stages: Stages, workers: int | None = None,
@@ -311,59 +315,59 @@ def iterate(run_dir: Path, i: int, preset: Preset, stages: Stages, workers: int 
     from wmlib.controller import load_controller, to_flat
     from wmlib.rollouts import collect
 
-    prev = run_dir / ("agent" if i == 1 else f"iter_{i - 1}/agent")
-    it = run_dir / f"iter_{i}"
-    data_dir, c = run_dir / "data", preset.collect
+    run = RunPaths(run_dir)
+    prev, it = (run if i == 1 else run.iteration(i - 1)), run.iteration(i)
+    c = preset.collect
     seed = iteration_seed(preset, i)
     stages.run(f"iter_{i}/collect", lambda: [
-        collect(p, c.iteration_episodes, data_dir, seed=seed, workers=workers, max_steps=c.max_steps,
-                mirror=c.mirror, fast=fast, policy_kwargs={"agent": str(prev)} if p == "controller" else None)
+        collect(p, c.iteration_episodes, run.data, seed=seed, workers=workers, max_steps=c.max_steps,
+                mirror=c.mirror, fast=fast, policy_kwargs={"agent": str(prev.agent_dir)} if p == "controller" else None)
         for p in c.iteration_policies])
-    vae_path = prev / "vae.eqx"
+    vae_path = prev.agent_part("V")
     vae_id = vae_id_of(vae_path)
-    stages.run(f"iter_{i}/encode", encode, data_dir, vae_path, c.mirror)
-    stages.run(f"iter_{i}/mdnrnn", lambda: train_mdnrnn(load_encoded(data_dir, vae_id), it / "mdnrnn", preset.rnn,
-                                                          vae_id, init=load_mdnrnn(prev / "mdnrnn.eqx")[0]))
-    agent = assemble_agent(it / "agent", vae_path, it / "mdnrnn" / "mdnrnn.eqx")
-    x0 = np.asarray(to_flat(load_controller(prev / "controller.eqx")[0]))  # the previous agent's C
-    stages.run(f"iter_{i}/evolve", evolve_in_dream, agent, data_dir, vae_id, it / "evolve", preset.evolve,
+    stages.run(f"iter_{i}/encode", encode, run.data, vae_path, c.mirror)
+    stages.run(f"iter_{i}/mdnrnn", lambda: train_mdnrnn(load_encoded(run.data, vae_id), it.mdnrnn_dir, preset.rnn,
+                                                          vae_id, init=load_mdnrnn(prev.agent_part("M"))[0]))
+    assemble_agent(it.agent_dir, vae_path, it.mdnrnn)
+    x0 = np.asarray(to_flat(load_controller(prev.agent_part("C"))[0]))  # the previous agent's C
+    stages.run(f"iter_{i}/evolve", evolve_in_dream, it.agent_dir, run.data, vae_id, it.evolve_dir, preset.evolve,
                x0=x0, workers=workers, fast=fast)
     if preset.evolve.select_candidates:
-        stages.run(f"iter_{i}/select", select_controller, agent, it / "evolve", preset.evolve,
-                   preset.evaluate.max_steps, workers, fast)
-    assemble_agent(agent, vae_path, it / "mdnrnn" / "mdnrnn.eqx", chosen_controller(it / "evolve", preset.evolve))
-    stages.run(f"iter_{i}/evaluate", evaluate_agent, agent, preset, it / "eval.json", workers, fast)
+        stages.run(f"iter_{i}/select", select_controller, it, preset.evolve, preset.evaluate.max_steps, workers, fast)
+    assemble_agent(it.agent_dir, vae_path, it.mdnrnn, chosen_controller(it, preset.evolve))
+    stages.run(f"iter_{i}/evaluate", evaluate_agent, it.agent_dir, preset, it.eval, workers, fast)
 
 
 def real_frames(run_dir: Path) -> dict[str, int]:
     """The real frames the method used in a run: collected data (all policies and iterations; mirror
     images are not new frames), real checks during evolution and the selection of C; test
     evaluations are not part of the method."""
-    data = sum(e["steps"] for e in read_manifest(run_dir / "data").values() if not e.get("mirrored"))
-    evolve_dirs = [run_dir / "evolve"] + [p / "evolve" for p in sorted(run_dir.glob("iter_*"))]
-    checks = sum(r.get("real_frames_checked", 0) for d in evolve_dirs for r in read_jsonl(d / "metrics.jsonl"))
-    select = sum(json.loads((d / "selection.json").read_text())["frames"] for d in evolve_dirs
-                 if (d / "selection.json").exists())
+    run = RunPaths(run_dir)
+    data = sum(e["steps"] for e in read_manifest(run.data).values() if not e.get("mirrored"))
+    stages = [run, *run.iterations()]
+    checks = sum(r.get("real_frames_checked", 0) for s in stages for r in read_jsonl(s.evolve_metrics))
+    select = sum(json.loads(s.selection.read_text())["frames"] for s in stages if s.selection.exists())
     return {"data": data, "evolve_checks": checks, "selection": select, "total": data + checks + select}
 
 
 def summary(run_dir: Path) -> tuple[list[dict], dict]:
     """One row per agent of the run (real mean +- std, best dream score, real frames the method used
     in the whole run), and the stages' wall times."""
-    stages = json.loads((run_dir / "stages.json").read_text())
+    run = RunPaths(run_dir)
+    stages = json.loads(run.stages.read_text())
     rows = []
-    for name, folder in [("initial", run_dir)] + [(p.name, p) for p in sorted(run_dir.glob("iter_*"))]:
-        if not (folder / "eval.json").exists():
+    for name, stage in [("initial", run)] + [(it.root.name, it) for it in run.iterations()]:
+        if not stage.eval.exists():
             continue
-        ev = json.loads((folder / "eval.json").read_text())
-        evo = [r for r in read_jsonl(folder / "evolve" / "metrics.jsonl") if r.get("stage") == "evolve"]
+        ev = json.loads(stage.eval.read_text())
+        evo = [r for r in read_jsonl(stage.evolve_metrics) if r.get("stage") == "evolve"]
         rows.append({"agent": name, "real_mean": ev["mean"], "real_std": ev["std"], "episodes": ev["episodes"],
                      "dream_best": evo[-1]["best_so_far"] if evo else float("nan")})
     frames = real_frames(run_dir)
     for row in rows:
         row["data_frames_total"] = frames["data"]
         row["real_frames_total"] = frames["total"]
-    fidelity = final_stage_dir(run_dir) / "evolve" / "fidelity" / "fidelity.json"
+    fidelity = run.final().fidelity / FIDELITY
     if rows and fidelity.exists():  # `wm fidelity` on the final evolution
         rows[-1]["spearman"] = json.loads(fidelity.read_text())["rank"]["spearman"]
     return rows, stages
@@ -387,33 +391,24 @@ def format_summary(rows: list[dict], stages: dict) -> str:
     return "\n".join(lines)
 
 
-def final_stage_dir(run_dir: Path) -> Path:
-    """The folder of a run's last finished agent: the last iter_K with an eval.json, else the run."""
-    done = [p for p in sorted(run_dir.glob("iter_*"), key=lambda p: int(p.name[5:])) if (p / "eval.json").exists()]
-    return done[-1] if done else run_dir
-
-
 def export_agent(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Copy a run's final agent with its logs into `out`, laid out like data/pretrained: vae.eqx,
-    mdnrnn.eqx, controller.eqx, config.json, eval.json (test range), summary.txt, selection.json,
-    vae_metrics.jsonl, mdnrnn_metrics.jsonl and evolve_metrics.jsonl (of the stages that made it)."""
-    run_dir, out = Path(run_dir), Path(out)
-    final = final_stage_dir(run_dir)
-    if not (final / "eval.json").exists():
-        raise FileNotFoundError(f"{run_dir} has no evaluated agent yet (no eval.json): finish the pipeline first")
-    files = {"config.json": run_dir / "config.json", "summary.txt": run_dir / "summary.txt",
-             "eval.json": final / "eval.json", "vae_metrics.jsonl": run_dir / "vae" / "metrics.jsonl",
-             "mdnrnn_metrics.jsonl": final / "mdnrnn" / "metrics.jsonl",
-             "evolve_metrics.jsonl": final / "evolve" / "metrics.jsonl",
-             "selection.json": final / "evolve" / "selection.json"}
-    agent = final / "agent"
-    assemble_agent(out, agent / "vae.eqx", agent / "mdnrnn.eqx", agent / "controller.eqx")
-    for name, src in files.items():
+    """Copy a run's final agent with what made it into `out`, laid out as a run (`RunPaths`), as
+    data/pretrained is: config.json, summary.txt, eval.json (test range), vae/ (V and its metrics), mdnrnn/
+    (the final M and its metrics), evolve/ (the final evolution's metrics and selection.json) and agent/.
+    Not the data, the training states or earlier iterations."""
+    run, shipped = RunPaths(run_dir), RunPaths(out)
+    final = run.final()
+    if not final.eval.exists():
+        raise FileNotFoundError(f"{run.root} has no evaluated agent yet (no {final.eval}): finish the pipeline first")
+    copies = {shipped.config: run.config, shipped.summary: run.summary, shipped.eval: final.eval,
+              shipped.vae: run.vae, shipped.vae_metrics: run.vae_metrics,
+              shipped.mdnrnn: final.mdnrnn, shipped.mdnrnn_metrics: final.mdnrnn_metrics,
+              shipped.evolve_metrics: final.evolve_metrics, shipped.selection: final.selection,
+              **{shipped.agent_part(part): final.agent_part(part) for part in PARTS}}
+    for dst, src in copies.items():
         if src.exists():
-            tmp = out / f".{name}.tmp"
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, out / name)
-    return out
+            copy_file(src, dst)
+    return shipped.root
 
 
 def run_pipeline(preset: Preset, run_dir: str | os.PathLike, workers: int | None = None, fast: bool = True) -> str:
@@ -423,19 +418,20 @@ def run_pipeline(preset: Preset, run_dir: str | os.PathLike, workers: int | None
     difference ("section.field: old -> new"), except settings in `GROWABLE` that grew (more iterations).
     """
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.json"
+    run = RunPaths(run_dir)
     check_seed_plan(preset)
-    before = preset_from_dict(json.loads(config_path.read_text())) if config_path.exists() else None
+    before = preset_from_dict(json.loads(run.config.read_text())) if run.config.exists() else None
     if before is not None and (changed := changed_settings(before, preset, GROWABLE)):
         raise WMError(f"{run_dir} holds a run with other settings ({'; '.join(changed)}); resume it with the "
                       "same settings or start a new run folder")
     if before != preset:  # the first start, or more iterations: written, else left as it is
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(config_path, preset.to_dict())
+        write_json(run.config, preset.to_dict())
     stages = Stages(run_dir)
     train_stages(run_dir, preset, stages, workers, fast)
     for i in range(1, preset.iterations + 1):
         iterate(run_dir, i, preset, stages, workers, fast)
     table = format_summary(*summary(run_dir))
-    (run_dir / "summary.txt").write_text(table + "\n")
+    with atomic_write(run.summary, "w") as f:
+        f.write(table + "\n")
     return table

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from wmlib import checkpoint
 from wmlib.errors import WMError
 from wmlib.files import append_jsonl, atomic_write, read_jsonl
+from wmlib.paths import METRICS
 
 
 ModelT = TypeVar("ModelT", bound=eqx.Module)
@@ -77,7 +78,7 @@ def fit(model: ModelT, optimizer: optax.GradientTransformation, loss_fn: Callabl
     kind = name if kind is None else kind
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path, state_path = run_dir / "metrics.jsonl", _train_state_path(run_dir, name)
+    metrics_path, state_path = run_dir / METRICS, _train_state_path(run_dir, name)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     start = 0
     if state_path.exists():
