@@ -156,10 +156,10 @@ def test_pipeline_smoke_runs_every_stage_and_resumes(tmp_path):
     assert f"used by the method in all (data, real checks, selection of C): {12 * 60}" in proc.stdout
     again = wm("pipeline", "--preset", "smoke", "--run", tmp_path, "--workers", 2)
     assert "done earlier" in again.stdout  # resumed: every stage skipped
-    # `wm export` lays the final agent out exactly as the shipped one is (plus the selection of C, which
-    # the shipped agent's run did not make): the last iteration's agent, with the run's V
+    # `wm export` lays the final agent out exactly as the shipped one is: the last iteration's agent
+    # (with its selection of C), with the run's V
     out = Path(last_json(wm("export", "--run", tmp_path, "--out", tmp_path / "export"))["out"])
-    assert relative_files(out) == shipped_run_files() | {"evolve/selection.json"}
+    assert relative_files(out) == shipped_run_files()
     final, exported = RunPaths(tmp_path).iteration(1), RunPaths(out)
     for part in PARTS:
         assert exported.agent_part(part).read_bytes() == final.agent_part(part).read_bytes()

@@ -25,7 +25,8 @@ def shipped_run_files() -> set[str]:
 
 def test_the_shipped_agent_is_laid_out_as_a_run():
     named = [SHIPPED.config, SHIPPED.summary, SHIPPED.eval, SHIPPED.vae, SHIPPED.vae_metrics, SHIPPED.mdnrnn,
-             SHIPPED.mdnrnn_metrics, SHIPPED.evolve_metrics, *(SHIPPED.agent_part(p) for p in PARTS)]
+             SHIPPED.mdnrnn_metrics, SHIPPED.evolve_metrics, SHIPPED.selection,
+             *(SHIPPED.agent_part(p) for p in PARTS)]
     assert {p.relative_to(PRETRAINED_DIR).as_posix() for p in named} == shipped_run_files()
     assert SHIPPED.agent_part("V").read_bytes() == SHIPPED.vae.read_bytes()  # the agent is made of the run's V, M
     assert SHIPPED.agent_part("M").read_bytes() == SHIPPED.mdnrnn.read_bytes()
