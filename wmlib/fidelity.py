@@ -607,6 +607,7 @@ def fidelity_report(agent_dir: str | os.PathLike, data_dir: str | os.PathLike, e
                            f"{part_path(agent_dir, 'V')} writes them") from None
     dream = dream_params(mdnrnn, encoded, cfg, horizon=max(horizons))
     out = ensure_dir(out_dir, "fidelity output folder")
+    steering = steering_report(mdnrnn, encoded, seed=seed)  # first: a collection without jerks fails at once
 
     final_dir = out / "real_episodes"  # the last controller's real episodes, of this report only
     for stale in final_dir.glob("agent_*.npz"):
@@ -630,8 +631,6 @@ def fidelity_report(agent_dir: str | os.PathLike, data_dir: str | os.PathLike, e
     calibration = reward_calibration(
         tqdm(drivers + own, desc="reward calibration", unit="ep", disable=not progress),
         lambda ep: predict_along_episode(vae, mdnrnn, ep)["reward_pred"])
-
-    steering = steering_report(mdnrnn, encoded, seed=seed)
 
     report = {"agent": str(agent_dir), "data": str(data_dir), "evolve": str(evolve_dir),
               "dream": dataclasses.asdict(cfg), "rank": rank, "bends": bend, "bend_detector_vs_geometry": check,
