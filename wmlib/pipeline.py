@@ -112,11 +112,9 @@ def assemble_agent(folder: Path, vae: Path, mdnrnn: Path, controller: Path | Non
 
 
 def copy_file(src: Path, dst: Path) -> None:
-    """Copy `src` to `dst` atomically (a temporary file beside `dst`, then a rename), making dst's folder."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp"
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    """Copy `src` to `dst` atomically (`files.atomic_write`: a temporary file beside `dst`, then a rename)."""
+    with open(src, "rb") as f, atomic_write(dst) as out:
+        shutil.copyfileobj(f, out)
 
 
 def collect_data(preset: Preset, data_dir: Path, workers: int | None, fast: bool) -> None:
