@@ -75,6 +75,20 @@ def test_train_rnn_fine_tune_bad_input_names_the_file(tmp_path):
     assert not (tmp_path / "m").exists()
 
 
+def test_branches_and_train_rnn_with_branches_bad_input(tmp_path):
+    proc = wm("branches", "--data", SAMPLE_DIR, "--out", tmp_path / "b", check=False)
+    assert proc.returncode == 2 and f"{SAMPLE_DIR} has no episodes of recovery, weave to branch" in proc.stderr
+    wm("collect", "--policy", "weave", "--episodes", 1, "--max-steps", 110, "--workers", 1, "--out", tmp_path / "d")
+    out = last_json(wm("branches", "--data", tmp_path / "d", "--out", tmp_path / "b", "--per-episode", 2,
+                       "--horizon", 4, "--workers", 1, "--seed", 3))
+    # seed 3 draws branch points 352 and 90: the first lies beyond the 110 recorded steps and is dropped
+    assert out["sources"] == 1 and out["branches"] == 1 and out["steps"] == 90 + 4
+    (tmp_path / "empty").mkdir()
+    proc = wm("train-rnn", "--data", SAMPLE_DIR, "--vae", SHIPPED.vae, "--out", tmp_path / "m", "--branches",
+              tmp_path / "empty", check=False)
+    assert proc.returncode == 2 and f"branch folder {tmp_path / 'empty'} holds no branch files" in proc.stderr
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
 def test_collect_unwritable_folder(tmp_path):
     ro = tmp_path / "ro"

@@ -5,6 +5,7 @@
     wm train-vae --data DIR --out DIR               V (notebook 02)
     wm encode --data DIR --vae FILE                 every frame through V, for M
     wm train-rnn --data DIR --vae FILE --out DIR    M (notebook 03); --init M to fine-tune
+    wm branches --data DIR --out DIR                the same real state, another steering (--branches of train-rnn)
     wm evolve --agent DIR --data DIR --out DIR      C by CMA-ES in the dream (notebook 04)
     wm evolve --agent DIR --where real --out DIR    C by CMA-ES on real episodes (the paper's setup)
     wm evaluate --agent DIR --episodes 100          real episodes, JSON result (notebook 05)
@@ -103,7 +104,28 @@ def cmd_train_rnn(args) -> None:
         if header["extra"].get("vae_id") != vae_id:
             raise WMError(f"--init {args.init} was trained on latents of V {header['extra'].get('vae_id')}, "
                              f"not of --vae {args.vae} ({vae_id})")
-    train_mdnrnn(load_encoded(args.data, vae_id), args.out, cfg, vae_id, init=init)
+    branches = None
+    if args.branches:
+        from wmlib.data import load_branches
+
+        branches = load_branches(args.branches)  # before the encodings: a wrong folder fails at once
+    encoded = load_encoded(args.data, vae_id)
+    pairs = None
+    if branches is not None:
+        from wmlib.data import branch_pairs
+        from wmlib.vae import encode_frames, load_vae
+
+        vae, _ = load_vae(args.vae)
+        pairs = branch_pairs(encoded, branches, lambda f: encode_frames(vae, f), cfg.branch_warmup)
+    train_mdnrnn(encoded, args.out, cfg, vae_id, init=init, branches=pairs)
+
+
+def cmd_branches(args) -> None:
+    from wmlib.rollouts import collect_branches
+
+    print(json.dumps({"out": str(args.out), **collect_branches(
+        args.data, args.out, per_episode=args.per_episode, horizon=args.horizon, seed=args.seed,
+        workers=args.workers, fast=not args.stock)}))
 
 
 def cmd_evolve(args) -> None:
@@ -313,8 +335,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of reward over-prediction in M's loss (default 1; >1 makes M pessimistic)")
     p.add_argument("--dropout", type=float, default=None,
                    help="dropout on M's LSTM inputs and state while training (Dropout's Dream Land: 0.05)")
+    p.add_argument("--branches", default=None,
+                   help="folder of branches of the collection (`wm branches`): M also learns what the wheel does "
+                        "(weight rnn.w_branch)")
     preset_arg(p)
     p.set_defaults(func=cmd_train_rnn)
+
+    p = sub.add_parser("branches", help="replay recorded episodes to a step, then hold the wheel: pairs of real "
+                                        "futures that differ only in the steering, for train-rnn --branches")
+    p.add_argument("--data", required=True, help="collection with recovery or weave episodes")
+    p.add_argument("--out", required=True, help="branch folder (created; re-running resumes)")
+    p.add_argument("--per-episode", type=_positive_int, default=3, help="branch points per recorded episode")
+    p.add_argument("--horizon", type=_positive_int, default=24, help="steps the wheel is held after a branch point")
+    p.add_argument("--seed", type=int, default=0, help="seed of the branch points and held steers")
+    p.add_argument("--workers", type=_positive_int, default=None, help="worker processes (default: all cores)")
+    p.add_argument("--stock", action="store_true", help="use the stock Gymnasium renderer, not the fast one")
+    p.set_defaults(func=cmd_branches)
 
     p = sub.add_parser("evolve", help="evolve C with CMA-ES in M's dream (resumes from --out)")
     p.add_argument("--agent", required=True, help="folder with vae.eqx and mdnrnn.eqx")

@@ -112,6 +112,8 @@ class RNNConfig:
     sample_z: bool = True          # learn from z ~ N(mu, sigma^2) (the paper) or from V's means mu
     overshoot: int = 0             # K open-loop steps in the loss (M feeds back its expected z; 0: off)
     w_overshoot: float = 1.0       # weight of that K-step NLL
+    w_branch: float = 1.0          # weight of the branch term (`mdnrnn.branch_loss`), when branches are given
+    branch_warmup: int = 40        # real steps M warms up on before a branch point
     epochs: int = 20
     val_episodes: int = 2
     seed: int = 0

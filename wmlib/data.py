@@ -372,3 +372,85 @@ def split_episodes(names: Iterable[str], n_val: int, seed: int = 0) -> tuple[lis
     val = [n for i, b in enumerate(bases) if i in picked for n in groups[b]]
     train = [n for i, b in enumerate(bases) if i not in picked for n in groups[b]]
     return train, val
+
+
+# ---- branches: the same real state, another steering -----------------------------------------------
+
+BRANCH_FORMAT = 1
+STEERING_PROBES = 60  # unmirrored recovery episodes the steering report measures the dream on
+
+
+def steering_probes(names: Iterable[str], episodes: int = STEERING_PROBES) -> list[str]:
+    """The episodes `fidelity.steering_report` measures the dream's answer to the wheel on: the first
+    `episodes` unmirrored recovery episodes by name. No branch is cut from them (`rollouts.collect_branches`),
+    so the steering ratio of an M trained on branches is measured on episodes it never saw branched."""
+    return sorted(n for n in names if n.startswith("recovery_") and "_mirror" not in n)[:episodes]
+
+
+def save_branches(path: str | os.PathLike, source: str, t0: np.ndarray, frames: np.ndarray,
+                  actions: np.ndarray) -> Path:
+    """Atomically write the branches of one recorded episode: K branch points `t0` (K,), the frames
+    (K, H+1, 64, 64, 3) uint8 from frame t0 (the recorded one) on, and the actions (K, H, 3) taken."""
+    with atomic_write(path) as f:
+        np.savez_compressed(f, format=np.int64(BRANCH_FORMAT), source=np.str_(source), t0=np.asarray(t0, np.int64),
+                            frames=np.asarray(frames, np.uint8), actions=np.asarray(actions, np.float32))
+    return Path(path)
+
+
+def load_branches(folder: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
+    """Every branch file of a folder (`rollouts.collect_branches`): {source episode file name: {t0, frames,
+    actions}}; a defective file is reported by path."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.glob("*.npz") if not p.name.startswith(".")) if folder.is_dir() else []
+    if not files:
+        raise EpisodeError(f"branch folder {folder} holds no branch files; run `wm branches` first")
+    out = {}
+    for p in files:
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                if "format" not in z.files or "source" not in z.files or int(z["format"]) != BRANCH_FORMAT:
+                    raise EpisodeError(f"{p} is not a wmlib branch file of format {BRANCH_FORMAT} "
+                                       f"(keys: {', '.join(z.files) or 'none'})")
+                out[str(z["source"])] = {k: z[k] for k in ("t0", "frames", "actions")}
+        except (zipfile.BadZipFile, EOFError, OSError, KeyError, ValueError) as e:
+            if isinstance(e, EpisodeError):
+                raise
+            raise EpisodeError(f"{p} is truncated or not a branch file ({type(e).__name__}: {e})") from None
+    return out
+
+
+def branch_pairs(encoded: dict[str, dict[str, np.ndarray]], branches: dict[str, dict[str, np.ndarray]],
+                 encode_fn, warmup: int) -> dict[str, np.ndarray]:
+    """Pairs of real futures from the same state for M's branch term (`mdnrnn.branch_loss`), each also
+    mirrored (frames flipped, steering negated, paired with the source's mirror image).
+
+    For a branch at step t0 of source episode A (encodings `encoded[A]`) and `warmup` <= t0: the
+    `warmup` real steps before t0 (warm_z, warm_a), z0 = V's mean of frame t0, the recorded actions
+    from t0 (act_a) and the branch's (act_b), each (H, 3), and diff (H, z): V's means of A's frames
+    t0+1..t0+H minus those of the branch. `encode_fn(frames) -> (mu, logvar)` is the V of `encoded`.
+    """
+    rows: dict[str, list] = {k: [] for k in ("warm_z", "warm_a", "z0", "act_a", "act_b", "diff")}
+    for source, b in sorted(branches.items()):
+        for mirrored in (False, True):
+            name = source.replace(".npz", "_mirror.npz") if mirrored else source
+            if name not in encoded:
+                raise EpisodeError(f"branches of {source}: the encoded collection has no episode {name}")
+            ep = encoded[name]
+            frames = b["frames"][:, :, :, ::-1] if mirrored else b["frames"]
+            K, H1 = frames.shape[:2]
+            mu_b = np.asarray(encode_fn(np.ascontiguousarray(frames).reshape(K * H1, *FRAME_SHAPE))[0])
+            mu_b = mu_b.reshape(K, H1, -1)
+            act_b = b["actions"] * np.array([-1.0, 1.0, 1.0], np.float32) if mirrored else b["actions"]
+            for k, t0 in enumerate(int(t) for t in b["t0"]):
+                H = H1 - 1
+                if t0 < warmup or t0 + H >= len(ep["mu"]):
+                    continue
+                rows["warm_z"].append(ep["mu"][t0 - warmup:t0])
+                rows["warm_a"].append(ep["actions"][t0 - warmup:t0])
+                rows["z0"].append(ep["mu"][t0])
+                rows["act_a"].append(ep["actions"][t0:t0 + H])
+                rows["act_b"].append(act_b[k])
+                rows["diff"].append(ep["mu"][t0 + 1:t0 + H + 1] - mu_b[k, 1:])
+    if not rows["z0"]:
+        raise EpisodeError(f"no branch has {warmup} recorded steps before it (the branch term's warm-up)")
+    return {k: np.asarray(v, np.float32) for k, v in rows.items()}

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from wmlib.config import SELECTION_SEED, EvolveConfig, check_seeds
 from wmlib.controller import Controller, from_flat, n_params
-from wmlib.data import Episode
+from wmlib.data import STEERING_PROBES, Episode, steering_probes
 from wmlib.dream import DreamParams, drive, rollout_trajectory, start_from_frame
 from wmlib.errors import WMError
 
@@ -515,12 +515,13 @@ def steering_figure(response: dict):
     return fig
 
 
-def steering_report(mdnrnn, encoded: dict[str, dict[str, np.ndarray]], episodes: int = 60, seed: int = 0) -> dict:
+def steering_report(mdnrnn, encoded: dict[str, dict[str, np.ndarray]], episodes: int = STEERING_PROBES,
+                    seed: int = 0) -> dict:
     """`steering_response` on a collection's encodings (`data.load_encoded`): the read-out fitted on the
     track followers' frames after the zoom-in, the jerks taken from up to `episodes` unmirrored
-    recovery episodes."""
+    recovery episodes (`data.steering_probes`; branches are never cut from them)."""
     followers = [e for n, e in encoded.items() if n.split("_")[0] in TRACK_FOLLOWERS]
-    jerky = [e for n, e in sorted(encoded.items()) if n.startswith("recovery_") and "_mirror" not in n][:episodes]
+    jerky = [encoded[n] for n in steering_probes(encoded, episodes)]
     if not followers or not jerky:
         raise WMError("the steering response needs encoded recovery episodes (they jerk the wheel) and "
                       f"track followers ({', '.join(TRACK_FOLLOWERS)}); the collection has {sorted(encoded)[:5]}...")

@@ -281,6 +281,41 @@ def mdnrnn_loss(model: MDNRNN, z_seq: Float[Array, "B T z_dim"], a_seq: Float[Ar
     return loss, aux
 
 
+
+def open_loop_means(model: MDNRNN, state: LSTMState, z0: Float[Array, " z_dim"],
+                    actions: Float[Array, "H action_dim"]) -> Float[Array, "H z_dim"]:
+    """M dreaming H steps from `state` and latent z0 on its own, fed its expected next latent
+    (`mdn_mean`, differentiable) and the given actions -> those expected latents z_1..z_H."""
+    def body(carry, a):
+        state, z = carry
+        state = model.advance(state, z, a)
+        z = mdn_mean(model.heads(state[0]))
+        return (state, z), z
+
+    return jax.lax.scan(body, (state, z0), actions)[1]
+
+
+def branch_loss(model: MDNRNN, warm_z: Float[Array, "B W z_dim"], warm_a: Float[Array, "B W action_dim"],
+                z0: Float[Array, "B z_dim"], act_a: Float[Array, "B H action_dim"],
+                act_b: Float[Array, "B H action_dim"], diff: Float[Array, "B H z_dim"]) -> Array:
+    """What the wheel does, learnt from pairs of real futures of the same state (`data.branch_pairs`).
+
+    M warms up on the W real steps before the branch point, then dreams H steps open-loop twice from
+    the same state (`open_loop_means`): under the recorded actions (A) and under the branch's, which
+    differ only in the steering (B). The difference of its two dreams must match the difference of the
+    two real futures as V sees them:
+        mean over pairs, steps k and latent dims of ((zhat^A_k - zhat^B_k) - (mu^A_k - mu^B_k))^2.
+    Whatever M cannot predict about the road ahead is the same in both futures and cancels; what is
+    left is the steering's effect, which the likelihood of single futures barely rewards modelling.
+    """
+    def one(wz, wa, z, aa, ab, d):
+        hs, cs = model.state_sequence(wz, wa)
+        state = (hs[-1], cs[-1])
+        return jnp.mean((open_loop_means(model, state, z, aa) - open_loop_means(model, state, z, ab) - d) ** 2)
+
+    return jnp.mean(jax.vmap(one)(warm_z, warm_a, z0, act_a, act_b, diff))
+
+
 Batch = Mapping[str, Array | np.ndarray]
 """A batch of B episode windows of T steps, as `data.SequenceSampler.batch` makes it (a dict):
 mu, logvar (B, T+1, z_dim): V's posterior of frames t..t+T; action (B, T, action_dim): the action
@@ -299,14 +334,19 @@ def _sequences(batch: Batch, key: jax.Array | None, offroad_done: bool = False):
             mask[:, :-1], mask[:, :-1] * mask[:, 1:])
 
 
-def make_loss_fn(cfg: RNNConfig = RNNConfig()):
+BRANCH_KEYS = ("warm_z", "warm_a", "z0", "act_a", "act_b", "diff")  # `data.branch_pairs`, in `branch_loss`'s order
+
+
+def make_loss_fn(cfg: RNNConfig = RNNConfig(), branch_scale: float = 1.0):
     """`loss_fn(model, batch, key) -> (loss, aux)` for `wmlib.train.fit`, with the weights of `cfg`.
 
     Each call draws fresh z ~ N(mu, exp(logvar)) from `key` (the paper re-samples the training
     latents every epoch; here every batch), so M learns from V's uncertainty, not only its means.
     With `cfg.sample_z` False M learns from the means: V's per-frame noise (posterior std ~0.2 in the
     informative dimensions) is larger than one step's change of z (~0.06), and hides what an action
-    does from one frame to the next.
+    does from one frame to the next. A batch with branch pairs (keys "branch_" + `BRANCH_KEYS`) adds
+    `cfg.w_branch` times `branch_loss` over `branch_scale` (the pairs' mean squared real difference, so
+    1 is what an M that ignores the wheel scores).
     """
     def loss_fn(model: MDNRNN, batch: Batch, key: jax.Array):
         k_z, k_drop = jax.random.split(key)
@@ -315,10 +355,16 @@ def make_loss_fn(cfg: RNNConfig = RNNConfig()):
             B = batch["mu"].shape[0]
             masks = jax.vmap(lambda k: dropout_mask(k, cfg.dropout, model.z_dim + model.action_dim, model.hidden))(
                 jax.random.split(k_drop, B))
-        return mdnrnn_loss(model, *_sequences(batch, k_z if cfg.sample_z else None, cfg.offroad_done), w_mdn=cfg.w_mdn,
-                           w_reward=cfg.w_reward, w_done=cfg.w_done, reward_asymmetry=cfg.reward_asymmetry,
-                           reward_floor=cfg.reward_floor, done_pos_weight=cfg.done_pos_weight, masks=masks,
-                           overshoot=cfg.overshoot, w_overshoot=cfg.w_overshoot)
+        loss, aux = mdnrnn_loss(model, *_sequences(batch, k_z if cfg.sample_z else None, cfg.offroad_done),
+                                w_mdn=cfg.w_mdn, w_reward=cfg.w_reward, w_done=cfg.w_done,
+                                reward_asymmetry=cfg.reward_asymmetry, reward_floor=cfg.reward_floor,
+                                done_pos_weight=cfg.done_pos_weight, masks=masks, overshoot=cfg.overshoot,
+                                w_overshoot=cfg.w_overshoot)
+        if "branch_diff" in batch:  # pairs of branches ride along (`train_mdnrnn`'s `branches`)
+            pairs = [jnp.asarray(batch[f"branch_{k}"]) for k in BRANCH_KEYS]
+            aux["branch"] = branch_loss(model, *pairs) / branch_scale
+            loss = loss + cfg.w_branch * aux["branch"]
+        return loss, aux
     return loss_fn
 
 
@@ -370,13 +416,14 @@ def validation_metrics(model: MDNRNN, batches: Iterable[Batch], offroad_done: bo
 
 def train_mdnrnn(encoded: dict[str, dict[str, np.ndarray]], run_dir: str | os.PathLike,
                  cfg: RNNConfig = RNNConfig(), vae_id: str = "", init: MDNRNN | None = None,
-                 progress: bool = True) -> MDNRNN:
+                 progress: bool = True, branches: dict[str, np.ndarray] | None = None) -> MDNRNN:
     """Train M on V's encodings (`data.load_encoded`) with `train.fit`; writes RUN_DIR/mdnrnn.eqx.
 
     `cfg.val_episodes` episodes (with their mirror images) are held out for `validation_metrics`,
     logged after every epoch. `init` continues from an earlier M (the sim2real iterations); a
     stopped run resumes from its training state. The checkpoint's extra records `vae_id`, the V
-    whose latents M learned.
+    whose latents M learned. `branches` (`data.branch_pairs`): every batch also holds
+    `cfg.batch_size` pairs drawn from them, for the branch term (`branch_loss`, logged as "branch").
     """
     if not encoded:
         raise WMError("train_mdnrnn got no encoded episodes; run the encode stage first")
@@ -389,7 +436,14 @@ def train_mdnrnn(encoded: dict[str, dict[str, np.ndarray]], run_dir: str | os.Pa
                                                  n_mix=cfg.n_mix)
     if model.z_dim != z_dim:
         raise WMError(f"the initial M has z_dim {model.z_dim} but the encodings have z_dim {z_dim}")
-    return fit(model, make_optimizer(cfg), make_loss_fn(cfg), sampler.batch, cfg.epochs * sampler.batches_per_epoch,
+    batch_fn, scale = sampler.batch, 1.0
+    if branches is not None:
+        scale = float(np.mean(branches["diff"] ** 2))
+
+        def batch_fn(index: int) -> dict[str, np.ndarray]:  # deterministic in index, like the windows
+            picked = np.random.default_rng([cfg.seed, index]).integers(len(branches["diff"]), size=cfg.batch_size)
+            return {**sampler.batch(index), **{f"branch_{k}": branches[k][picked] for k in BRANCH_KEYS}}
+    return fit(model, make_optimizer(cfg), make_loss_fn(cfg, scale), batch_fn, cfg.epochs * sampler.batches_per_epoch,
                run_dir, name="mdnrnn", hyper=mdnrnn_hyper(model), seed=cfg.seed,
                evaluate=(lambda m: validation_metrics(m, val_batches, cfg.offroad_done)) if val_batches else None,
                eval_every=sampler.batches_per_epoch, extra={"vae_id": vae_id}, progress=progress)

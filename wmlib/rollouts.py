@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from wmlib.data import Episode, EpisodeError, episode_name, load_episode, mirror_episode, save_episode, write_manifest
+from wmlib.data import (Episode, EpisodeError, episode_files, episode_name, load_branches, load_episode,
+                        mirror_episode, save_branches, save_episode, steering_probes, write_manifest)
 from wmlib.env import make_env, preprocess
 from wmlib.errors import SetupError, WMError
 from wmlib.files import ensure_dir
@@ -317,3 +318,94 @@ def collect(policy: str, episodes: int, out: str | os.PathLike, seed: int = 0, w
 
 def _worker_call(args: tuple) -> dict:
     return _collect_one(*args)
+
+
+# ---- branches: replay a recorded episode to step t0, then steer otherwise ------------------------------
+
+BRANCH_SOURCES = ("recovery", "weave")  # drivers that stay near the road, where steering matters
+BRANCH_STEERS = (-1.0, -0.6, 0.6, 1.0)  # the wheel held at one of these for the branch's steps
+
+
+def _branch_one(source: str, points: list[tuple[int, float]], horizon: int, out: str, fast: bool) -> dict:
+    """Worker: the branches of one recorded episode. CarRacing is deterministic, so resetting to the
+    episode's env seed and replaying its actions reproduces its state at step t0 (checked on the frame);
+    from there the wheel is held at the branch's steer for `horizon` steps (gas and brake as recorded).
+    Branches the env ends early, or that would outlast the recording, are dropped."""
+    ep = load_episode(source)
+    env = make_env(fast=fast)
+    t0s, frames, actions = [], [], []
+    try:
+        for t0, steer in points:
+            if t0 + horizon > len(ep):  # the recording ends before the branch would
+                continue
+            obs, _ = env.reset(seed=ep.seed)
+            for a in ep.actions[:t0]:
+                obs, *_ = env.step(a)
+            seen = [preprocess(obs)]
+            if not np.array_equal(seen[0], ep.frames[t0]):
+                raise WMError(f"{source}: replaying its actions from env seed {ep.seed} gave another frame at step "
+                              f"{t0} than the recorded one (recorded with another renderer or Gymnasium version?)")
+            taken = ep.actions[t0:t0 + horizon].copy()
+            taken[:, 0] = steer
+            for a in taken:
+                obs, _, terminated, _, _ = env.step(a)
+                seen.append(preprocess(obs))
+                if terminated:
+                    break
+            if len(seen) == horizon + 1:
+                t0s.append(t0)
+                frames.append(np.stack(seen))
+                actions.append(taken)
+    finally:
+        env.close()
+    save_branches(Path(out) / Path(source).name, Path(source).name, np.asarray(t0s, np.int64),
+                  np.asarray(frames, np.uint8).reshape(len(t0s), horizon + 1, *ep.frames.shape[1:]),
+                  np.asarray(actions, np.float32).reshape(len(t0s), horizon, 3))
+    return {"steps": sum(t0 + horizon for t0, _ in points if t0 + horizon <= len(ep)), "branches": len(t0s)}
+
+
+def _branch_call(args: tuple) -> dict:
+    return _branch_one(*args)
+
+
+def collect_branches(data: str | os.PathLike, out: str | os.PathLike, per_episode: int = 3, horizon: int = 24,
+                     first: int = 60, last: int = 420, seed: int = 0, workers: int | None = None, fast: bool = True,
+                     progress: bool = True) -> dict:
+    """Branches of a collection's recorded episodes, for M's branch term (`mdnrnn.branch_loss`): the same
+    real state, two futures that differ only in the steering.
+
+    From each unmirrored episode of the drivers in `BRANCH_SOURCES` (except the steering report's probes,
+    `data.steering_probes`), `per_episode` branch points t0 in [first, last) and a held steer from
+    `BRANCH_STEERS` are drawn (generator seeded `seed`); `_branch_one` drives them. One file per source
+    episode in `out` (same name), written atomically; existing files are skipped (resumable). Returns
+    {"sources", "branches", "steps"}: the real steps driven, replays included.
+    """
+    files = [p.name for p in episode_files(data, mirrored=False) if p.name.split("_")[0] in BRANCH_SOURCES]
+    probes = set(steering_probes(files))
+    files = [p for p in files if p not in probes]
+    if not files:
+        raise WMError(f"{data} has no episodes of {', '.join(BRANCH_SOURCES)} to branch (beyond the "
+                      f"{len(probes)} the steering report keeps)")
+    if not 0 < first < last or horizon < 1 or per_episode < 1:
+        raise WMError(f"branch points must satisfy 0 < first < last and per_episode, horizon >= 1; got first={first}, "
+                      f"last={last}, per_episode={per_episode}, horizon={horizon}")
+    out = ensure_dir(out, "branch folder")
+    rng = np.random.default_rng(seed)
+    jobs = []
+    for name in files:  # every episode's draw happens, done or not, so a resumed run draws the same points
+        points = [(int(t), float(rng.choice(BRANCH_STEERS))) for t in rng.integers(first, last, per_episode)]
+        if not (out / name).exists():
+            jobs.append((str(Path(data) / name), points, horizon, str(out), fast))
+    steps = 0
+    failures = []
+    for job, result, error in parallel_map(_branch_call, jobs, workers or default_workers(), desc="branches",
+                                           frames_of=lambda r: r["steps"], progress=progress):
+        if error is not None:
+            failures.append(f"{job[0]}: {type(error).__name__}: {error}")
+        else:
+            steps += result["steps"]
+    if failures:
+        raise RuntimeError(f"{len(failures)} source episode(s) failed (the others are saved in {out}):\n"
+                           + "\n".join(failures))
+    branches = load_branches(out)
+    return {"sources": len(branches), "branches": sum(len(b["t0"]) for b in branches.values()), "steps": steps}
