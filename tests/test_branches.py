@@ -2,6 +2,7 @@
 wheel from (data.branch_pairs) and the branch term of M's loss (mdnrnn.branch_loss)."""
 import json
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +10,8 @@ import pytest
 
 from wmlib.config import RNNConfig
 from wmlib.data import branch_pairs, load_branches, load_episode, save_episode, steering_probes
-from wmlib.env import make_env, preprocess
+from wmlib.env import make_env, offroad_steps, preprocess, track_of_seed
+from wmlib.fidelity import hold_response
 from wmlib.mdnrnn import MDNRNN, branch_loss, mdn_mean, train_mdnrnn
 from wmlib.rollouts import BRANCH_STEERS, collect, collect_branches
 
@@ -52,11 +54,7 @@ def test_an_m_blind_to_the_wheel_scores_the_mean_squared_real_difference():
     """With M's weights on the action input at zero, both dreams are the same: the term is mean(diff^2)."""
     rng = np.random.default_rng(2)
     model = MDNRNN(jax.random.PRNGKey(3), z_dim=Z, hidden=H, n_mix=2)
-    model = jax.tree_util.tree_map(lambda x: x, model)
-    blind = type(model).__new__(type(model))
-    for name, value in vars(model).items():
-        object.__setattr__(blind, name, value)
-    object.__setattr__(blind, "weight", model.weight.at[Z:Z + A].set(0.0))
+    blind = eqx.tree_at(lambda m: m.weight, model, model.weight.at[Z:Z + A].set(0.0))  # the action rows
     pairs = [np.asarray(x, np.float32) for x in random_pairs(rng)]
     np.testing.assert_allclose(float(branch_loss(blind, *map(jnp.asarray, pairs))), np.mean(pairs[-1] ** 2), rtol=1e-6)
     assert float(branch_loss(model, *map(jnp.asarray, pairs))) != pytest.approx(float(np.mean(pairs[-1] ** 2)))
@@ -92,10 +90,15 @@ def test_branches_replay_the_recorded_state_then_hold_the_wheel(weave_collection
     env = make_env(fast=False)
     obs, _ = env.reset(seed=src.seed)
     t0 = int(b["t0"][0])
+    rewards, car_xy = [], []
     for a in np.concatenate([src.actions[:t0], b["actions"][0]]):
-        obs, *_ = env.step(a)
+        obs, reward, *_ = env.step(a)
+        rewards.append(reward)
+        car_xy.append(tuple(env.unwrapped.car.hull.position))
     env.close()
     np.testing.assert_array_equal(preprocess(obs), b["frames"][0, -1])
+    np.testing.assert_allclose(b["rewards"][0], rewards[t0:], rtol=1e-6)
+    np.testing.assert_array_equal(b["offroad"][0], offroad_steps(np.asarray(car_xy[t0:]), track_of_seed(src.seed)))
     assert not np.array_equal(b["frames"][0, -1], src.frames[t0 + 12])  # another steering, another future
     # resumable: a second call drives nothing and draws the same points
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
@@ -151,3 +154,34 @@ def test_train_mdnrnn_learns_the_branch_term(tmp_path):
     logged = [r["branch"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
               if "branch" in r]
     assert len(logged) >= 5 and np.mean(logged[-3:]) < 0.5 * np.mean(logged[:3])
+
+
+def test_hold_response_compares_the_end_and_the_reward_with_reality():
+    """An M whose done head never fires and whose reward head says 0.5 every step, on two branches:
+    reality leaves the road after 3 steps with the wheel at 1 and never with it straight."""
+    H = 6
+    model = MDNRNN(jax.random.PRNGKey(6), z_dim=Z, hidden=H * 2, n_mix=2)
+    bias = model.head_bias.at[-2].set(0.5).at[-1].set(-10.0)  # reward, done logit
+    model = eqx_tree_at(model, (jnp.zeros_like(model.head_weight), bias))
+    actions = np.zeros((2, H, A), np.float32)
+    actions[0, :, 0] = 1.0
+    offroad = np.zeros((2, H), np.float32)
+    offroad[0, 3:] = 1.0
+    rewards = np.ones((2, H), np.float32)
+    branches = {"weave_1.npz": {"t0": np.array([5, 7]), "actions": actions, "rewards": rewards, "offroad": offroad}}
+    rng = np.random.default_rng(7)
+    encoded = {"weave_1.npz": {"mu": rng.normal(size=(20, Z)).astype(np.float32),
+                               "actions": rng.uniform(-1, 1, (20, A)).astype(np.float32)}}
+    got = hold_response(model, encoded, branches, warmup=4, samples=3)
+    assert got == {"0.0": {"branches": 1, "real_steps": H, "dream_steps": H, "real_reward": H,
+                           "dream_reward": pytest.approx(0.5 * H)},
+                   "1.0": {"branches": 1, "real_steps": 3, "dream_steps": H, "real_reward": 3,
+                           "dream_reward": pytest.approx(0.5 * H)}}
+    bias = bias.at[-1].set(10.0)  # the done head fires at once: the dream ends before its first step
+    got = hold_response(eqx_tree_at(model, (model.head_weight, bias)), encoded, branches, warmup=4, samples=3)
+    assert got["1.0"]["dream_steps"] == 0 and got["1.0"]["dream_reward"] == 0
+
+
+def eqx_tree_at(model, head):
+    """`model` with its head's weight and bias replaced by `head`."""
+    return eqx.tree_at(lambda m: (m.head_weight, m.head_bias), model, head)

@@ -125,7 +125,7 @@ def cmd_branches(args) -> None:
 
     print(json.dumps({"out": str(args.out), **collect_branches(
         args.data, args.out, per_episode=args.per_episode, horizon=args.horizon, seed=args.seed,
-        workers=args.workers, fast=not args.stock)}))
+        workers=args.workers, fast=not args.stock, probes=args.probes)}))
 
 
 def cmd_evolve(args) -> None:
@@ -348,6 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-episode", type=_positive_int, default=3, help="branch points per recorded episode")
     p.add_argument("--horizon", type=_positive_int, default=24, help="steps the wheel is held after a branch point")
     p.add_argument("--seed", type=int, default=0, help="seed of the branch points and held steers")
+    p.add_argument("--probes", action="store_true",
+                   help="branch only the steering report's probe episodes (held out from training: for the hold test)")
     p.add_argument("--workers", type=_positive_int, default=None, help="worker processes (default: all cores)")
     p.add_argument("--stock", action="store_true", help="use the stock Gymnasium renderer, not the fast one")
     p.set_defaults(func=cmd_branches)

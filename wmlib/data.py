@@ -387,19 +387,24 @@ def steering_probes(names: Iterable[str], episodes: int = STEERING_PROBES) -> li
     return sorted(n for n in names if n.startswith("recovery_") and "_mirror" not in n)[:episodes]
 
 
-def save_branches(path: str | os.PathLike, source: str, t0: np.ndarray, frames: np.ndarray,
-                  actions: np.ndarray) -> Path:
+BRANCH_ARRAYS = ("t0", "frames", "actions", "rewards", "offroad")
+
+
+def save_branches(path: str | os.PathLike, source: str, t0: np.ndarray, frames: np.ndarray, actions: np.ndarray,
+                  rewards: np.ndarray, offroad: np.ndarray) -> Path:
     """Atomically write the branches of one recorded episode: K branch points `t0` (K,), the frames
-    (K, H+1, 64, 64, 3) uint8 from frame t0 (the recorded one) on, and the actions (K, H, 3) taken."""
+    (K, H+1, 64, 64, 3) uint8 from frame t0 (the recorded one) on, the actions (K, H, 3) taken, and
+    what followed each: rewards and offroad (K, H) (1: that action left the car off the road)."""
     with atomic_write(path) as f:
         np.savez_compressed(f, format=np.int64(BRANCH_FORMAT), source=np.str_(source), t0=np.asarray(t0, np.int64),
-                            frames=np.asarray(frames, np.uint8), actions=np.asarray(actions, np.float32))
+                            frames=np.asarray(frames, np.uint8), actions=np.asarray(actions, np.float32),
+                            rewards=np.asarray(rewards, np.float32), offroad=np.asarray(offroad, np.float32))
     return Path(path)
 
 
 def load_branches(folder: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
     """Every branch file of a folder (`rollouts.collect_branches`): {source episode file name: {t0, frames,
-    actions}}; a defective file is reported by path."""
+    actions, rewards, offroad}}; a defective file is reported by path."""
     folder = Path(folder)
     files = sorted(p for p in folder.glob("*.npz") if not p.name.startswith(".")) if folder.is_dir() else []
     if not files:
@@ -411,7 +416,7 @@ def load_branches(folder: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]
                 if "format" not in z.files or "source" not in z.files or int(z["format"]) != BRANCH_FORMAT:
                     raise EpisodeError(f"{p} is not a wmlib branch file of format {BRANCH_FORMAT} "
                                        f"(keys: {', '.join(z.files) or 'none'})")
-                out[str(z["source"])] = {k: z[k] for k in ("t0", "frames", "actions")}
+                out[str(z["source"])] = {k: z[k] for k in BRANCH_ARRAYS}
         except (zipfile.BadZipFile, EOFError, OSError, KeyError, ValueError) as e:
             if isinstance(e, EpisodeError):
                 raise

@@ -530,6 +530,56 @@ def steering_report(mdnrnn, encoded: dict[str, dict[str, np.ndarray]], episodes:
     return steering_response(mdnrnn, jerky, readout, seed=seed)
 
 
+
+def _until_end(ended: np.ndarray, rewards: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(..., H) end flags and rewards -> the steps before the first end (H if none) and the reward over them."""
+    H = ended.shape[-1]
+    steps = np.where(ended.any(-1), np.argmax(ended, axis=-1), H)
+    return steps, np.where(np.arange(H) < steps[..., None], rewards, 0.0).sum(-1)
+
+
+@eqx.filter_jit
+def _held_dreams(mdnrnn, state, actions: Float[Array, "H 3"], no_c: Controller, key: jax.Array, samples: int):
+    """`samples` dreams from `state` fed `actions` (a `DreamDrive` with a leading samples axis)."""
+    return jax.vmap(lambda k: drive(k, state, mdnrnn, jnp.float32(1.0), actions, jnp.zeros(len(actions), bool),
+                                    no_c))(jax.random.split(key, samples))
+
+
+def hold_response(mdnrnn, encoded: dict[str, dict[str, np.ndarray]], branches: dict[str, dict[str, np.ndarray]],
+                  warmup: int = 40, samples: int = 8, seed: int = 0) -> dict:
+    """Does the dream punish holding the wheel as reality does? On branches (`rollouts.collect_branches`;
+    held out from M's training: `wm branches --probes`), each a real state with the wheel then held at
+    one steer for H steps: M starts from that state (warmed on the `warmup` real steps before it) and
+    dreams the branch's actions `samples` times. Reality's end is the first step that leaves the car
+    off the road; the dream's, the first whose done probability passes 0.5 (an M trained with
+    `offroad_done`). Per held |steer|: {"branches", "real_steps", "dream_steps" (mean steps before the
+    end, H when none), "real_reward", "dream_reward" (mean reward over those steps)}.
+    """
+    no_c = Controller(mdnrnn.z_dim, mdnrnn.hidden)
+    key = jax.random.PRNGKey(seed)
+    rows: dict[float, list] = {}
+    for source, b in sorted(branches.items()):
+        if source not in encoded:
+            raise WMError(f"hold_response: the encoded collection has no episode {source} (the branches' source)")
+        ep = encoded[source]
+        for k, t0 in enumerate(int(t) for t in b["t0"]):
+            if t0 < 1:
+                continue
+            state = start_from_frame(mdnrnn, jnp.asarray(ep["mu"]), jnp.asarray(ep["actions"]), t0, warmup)
+            actions = jnp.asarray(b["actions"][k])
+            key, sub = jax.random.split(key)
+            drives = _held_dreams(mdnrnn, state, actions, no_c, sub, samples)
+            d_steps, d_reward = _until_end(np.asarray(drives.done_prob) > 0.5, np.asarray(drives.reward))
+            r_steps, r_reward = _until_end(b["offroad"][k] > 0, b["rewards"][k])
+            rows.setdefault(round(abs(float(b["actions"][k, 0, 0])), 2), []).append(
+                (r_steps, d_steps.mean(), r_reward, d_reward.mean()))
+    if not rows:
+        raise WMError("hold_response got no branches")
+    return {str(s): {"branches": len(r), **{name: float(np.mean([x[i] for x in r])) for i, name in
+                                            enumerate(("real_steps", "dream_steps", "real_reward", "dream_reward"))}}
+            for s, r in sorted(rows.items())}
+
+
 # ---- the report ------------------------------------------------------------------------------------
 
 def _driver_episodes(data_dir: Path, per_driver: int) -> list[Episode]:

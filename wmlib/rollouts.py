@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from wmlib.data import (Episode, EpisodeError, episode_files, episode_name, load_branches, load_episode,
                         mirror_episode, save_branches, save_episode, steering_probes, write_manifest)
-from wmlib.env import make_env, preprocess
+from wmlib.env import make_env, offroad_steps, preprocess, track_of_seed
 from wmlib.errors import SetupError, WMError
 from wmlib.files import ensure_dir
 
@@ -323,17 +323,19 @@ def _worker_call(args: tuple) -> dict:
 # ---- branches: replay a recorded episode to step t0, then steer otherwise ------------------------------
 
 BRANCH_SOURCES = ("recovery", "weave")  # drivers that stay near the road, where steering matters
-BRANCH_STEERS = (-1.0, -0.6, 0.6, 1.0)  # the wheel held at one of these for the branch's steps
+BRANCH_STEERS = (-1.0, -0.6, -0.3, 0.0, 0.3, 0.6, 1.0)  # the wheel held at one of these for the branch's steps
 
 
 def _branch_one(source: str, points: list[tuple[int, float]], horizon: int, out: str, fast: bool) -> dict:
     """Worker: the branches of one recorded episode. CarRacing is deterministic, so resetting to the
     episode's env seed and replaying its actions reproduces its state at step t0 (checked on the frame);
     from there the wheel is held at the branch's steer for `horizon` steps (gas and brake as recorded).
+    Each step's reward and whether it left the car off the road (as `Episode.offroad`) are kept.
     Branches the env ends early, or that would outlast the recording, are dropped."""
     ep = load_episode(source)
-    env = make_env(fast=fast)
-    t0s, frames, actions = [], [], []
+    track = track_of_seed(ep.seed)
+    env: Any = make_env(fast=fast)
+    kept: dict[str, list] = {"t0": [], "frames": [], "actions": [], "rewards": [], "offroad": []}
     try:
         for t0, steer in points:
             if t0 + horizon > len(ep):  # the recording ends before the branch would
@@ -341,27 +343,32 @@ def _branch_one(source: str, points: list[tuple[int, float]], horizon: int, out:
             obs, _ = env.reset(seed=ep.seed)
             for a in ep.actions[:t0]:
                 obs, *_ = env.step(a)
-            seen = [preprocess(obs)]
+            seen, rewards, car_xy = [preprocess(obs)], [], []
             if not np.array_equal(seen[0], ep.frames[t0]):
                 raise WMError(f"{source}: replaying its actions from env seed {ep.seed} gave another frame at step "
                               f"{t0} than the recorded one (recorded with another renderer or Gymnasium version?)")
             taken = ep.actions[t0:t0 + horizon].copy()
             taken[:, 0] = steer
             for a in taken:
-                obs, _, terminated, _, _ = env.step(a)
+                obs, reward, terminated, _, _ = env.step(a)
                 seen.append(preprocess(obs))
+                rewards.append(reward)
+                car_xy.append(tuple(env.unwrapped.car.hull.position))
                 if terminated:
                     break
             if len(seen) == horizon + 1:
-                t0s.append(t0)
-                frames.append(np.stack(seen))
-                actions.append(taken)
+                for key, value in (("t0", t0), ("frames", np.stack(seen)), ("actions", taken), ("rewards", rewards),
+                                   ("offroad", offroad_steps(np.asarray(car_xy), track))):
+                    kept[key].append(value)
     finally:
         env.close()
-    save_branches(Path(out) / Path(source).name, Path(source).name, np.asarray(t0s, np.int64),
-                  np.asarray(frames, np.uint8).reshape(len(t0s), horizon + 1, *ep.frames.shape[1:]),
-                  np.asarray(actions, np.float32).reshape(len(t0s), horizon, 3))
-    return {"steps": sum(t0 + horizon for t0, _ in points if t0 + horizon <= len(ep)), "branches": len(t0s)}
+    K = len(kept["t0"])
+    save_branches(Path(out) / Path(source).name, Path(source).name, np.asarray(kept["t0"], np.int64),
+                  np.asarray(kept["frames"], np.uint8).reshape(K, horizon + 1, *ep.frames.shape[1:]),
+                  np.asarray(kept["actions"], np.float32).reshape(K, horizon, 3),
+                  np.asarray(kept["rewards"], np.float32).reshape(K, horizon),
+                  np.asarray(kept["offroad"], np.float32).reshape(K, horizon))
+    return {"steps": sum(t0 + horizon for t0, _ in points if t0 + horizon <= len(ep)), "branches": K}
 
 
 def _branch_call(args: tuple) -> dict:
@@ -370,22 +377,24 @@ def _branch_call(args: tuple) -> dict:
 
 def collect_branches(data: str | os.PathLike, out: str | os.PathLike, per_episode: int = 3, horizon: int = 24,
                      first: int = 60, last: int = 420, seed: int = 0, workers: int | None = None, fast: bool = True,
-                     progress: bool = True) -> dict:
+                     probes: bool = False, progress: bool = True) -> dict:
     """Branches of a collection's recorded episodes, for M's branch term (`mdnrnn.branch_loss`): the same
     real state, two futures that differ only in the steering.
 
-    From each unmirrored episode of the drivers in `BRANCH_SOURCES` (except the steering report's probes,
-    `data.steering_probes`), `per_episode` branch points t0 in [first, last) and a held steer from
+    From each unmirrored episode of the drivers in `BRANCH_SOURCES` except the steering report's probes
+    (`data.steering_probes`; with `probes`, from the probes alone: held-out branches for
+    `fidelity.hold_response`), `per_episode` branch points t0 in [first, last) and a held steer from
     `BRANCH_STEERS` are drawn (generator seeded `seed`); `_branch_one` drives them. One file per source
     episode in `out` (same name), written atomically; existing files are skipped (resumable). Returns
     {"sources", "branches", "steps"}: the real steps driven, replays included.
     """
     files = [p.name for p in episode_files(data, mirrored=False) if p.name.split("_")[0] in BRANCH_SOURCES]
-    probes = set(steering_probes(files))
-    files = [p for p in files if p not in probes]
+    held = set(steering_probes(files))
+    files = sorted(held) if probes else [p for p in files if p not in held]
     if not files:
-        raise WMError(f"{data} has no episodes of {', '.join(BRANCH_SOURCES)} to branch (beyond the "
-                      f"{len(probes)} the steering report keeps)")
+        raise WMError(f"{data} has no episodes of {', '.join(BRANCH_SOURCES)} to branch "
+                      + ("(the steering report's probes are recovery episodes)" if probes else
+                         f"(beyond the {len(held)} the steering report keeps)"))
     if not 0 < first < last or horizon < 1 or per_episode < 1:
         raise WMError(f"branch points must satisfy 0 < first < last and per_episode, horizon >= 1; got first={first}, "
                       f"last={last}, per_episode={per_episode}, horizon={horizon}")
