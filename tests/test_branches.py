@@ -13,7 +13,7 @@ from wmlib.data import branch_pairs, load_branches, load_episode, save_episode, 
 from wmlib.env import make_env, offroad_steps, preprocess, track_of_seed
 from wmlib.fidelity import hold_response
 from wmlib.mdnrnn import MDNRNN, branch_loss, mdn_mean, train_mdnrnn
-from wmlib.rollouts import BRANCH_STEERS, collect, collect_branches
+from wmlib.rollouts import BRANCH_STEERS, branch_actions, collect, collect_branches
 
 Z, A, H = 4, 3, 16
 
@@ -75,7 +75,7 @@ def weave_collection(tmp_path_factory):
 def test_branches_replay_the_recorded_state_then_hold_the_wheel(weave_collection, tmp_path):
     out = tmp_path / "branches"
     summary = collect_branches(weave_collection, out, per_episode=2, horizon=12, first=100, last=115, workers=1,
-                               progress=False)
+                               varied=False, progress=False)
     assert summary["sources"] == 2 and summary["branches"] == 4
     branches = load_branches(out)
     name, b = sorted(branches.items())[0]
@@ -103,8 +103,34 @@ def test_branches_replay_the_recorded_state_then_hold_the_wheel(weave_collection
     # resumable: a second call drives nothing and draws the same points
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     assert collect_branches(weave_collection, out, per_episode=2, horizon=12, first=100, last=115, workers=1,
-                            progress=False)["steps"] == 0
+                            varied=False, progress=False)["steps"] == 0
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_varied_branches_swing_the_wheel_in_held_segments_and_may_floor_the_gas(weave_collection, tmp_path):
+    collect_branches(weave_collection, tmp_path, per_episode=8, horizon=8, first=60, last=120, workers=1, seed=4,
+                     progress=False)
+    branches = load_branches(tmp_path)
+    floored = 0
+    for name, b in branches.items():
+        src = load_episode(weave_collection / name)
+        for t0, acts in zip(b["t0"], b["actions"]):
+            segments = len(np.flatnonzero(np.diff(acts[:, 0]))) + 1  # equal neighbours may merge two
+            assert segments <= 8 and np.all(np.isin(acts[:, 0], np.float32(BRANCH_STEERS)))
+            if np.all(acts[:, 1:] == (1.0, 0.0)) and not np.all(src.actions[t0:t0 + 8, 1:] == (1.0, 0.0)):
+                floored += 1
+            else:
+                np.testing.assert_array_equal(acts[:, 1:], src.actions[t0:t0 + 8, 1:])
+    assert 0 < floored < 16 and any(len(set(a[:, 0])) > 1 for b in branches.values() for a in b["actions"])
+
+
+def test_branch_actions_hold_each_steer_for_an_equal_segment():
+    recorded = np.tile(np.array([0.1, 0.4, 0.2], np.float32), (7, 1))
+    np.testing.assert_array_equal(branch_actions(recorded, [1.0, -0.3], False)[:, 0],
+                                  np.float32([1, 1, 1, 1, -0.3, -0.3, -0.3]))
+    floored = branch_actions(recorded, [0.0], True)
+    assert np.all(floored == np.array([0.0, 1.0, 0.0], np.float32))
+    assert np.all(recorded[:, 0] == np.float32(0.1))  # the recording is left alone
 
 
 def test_a_recording_that_does_not_replay_is_refused_by_name(weave_collection, tmp_path):

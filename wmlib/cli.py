@@ -125,7 +125,7 @@ def cmd_branches(args) -> None:
 
     print(json.dumps({"out": str(args.out), **collect_branches(
         args.data, args.out, per_episode=args.per_episode, horizon=args.horizon, seed=args.seed,
-        workers=args.workers, fast=not args.stock, probes=args.probes)}))
+        workers=args.workers, fast=not args.stock, probes=args.probes, varied=not args.holds)}))
 
 
 def cmd_evolve(args) -> None:
@@ -348,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-episode", type=_positive_int, default=3, help="branch points per recorded episode")
     p.add_argument("--horizon", type=_positive_int, default=24, help="steps the wheel is held after a branch point")
     p.add_argument("--seed", type=int, default=0, help="seed of the branch points and held steers")
+    p.add_argument("--holds", action="store_true",
+                   help="one held steer per branch, gas as recorded (the hold test's branches); default: the wheel "
+                        "swings between 1 to 8 held steers and half the branches floor the gas")
     p.add_argument("--probes", action="store_true",
                    help="branch only the steering report's probe episodes (held out from training: for the hold test)")
     p.add_argument("--workers", type=_positive_int, default=None, help="worker processes (default: all cores)")

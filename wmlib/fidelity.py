@@ -563,8 +563,9 @@ def hold_response(mdnrnn, encoded: dict[str, dict[str, np.ndarray]], branches: d
             raise WMError(f"hold_response: the encoded collection has no episode {source} (the branches' source)")
         ep = encoded[source]
         for k, t0 in enumerate(int(t) for t in b["t0"]):
-            if t0 < 1:
-                continue
+            if np.ptp(b["actions"][k, :, 0]) > 0:
+                raise WMError(f"hold_response: branch {k} of {source} does not hold the wheel (collect the hold "
+                              "test's branches with `wm branches --holds`)")
             state = start_from_frame(mdnrnn, jnp.asarray(ep["mu"]), jnp.asarray(ep["actions"]), t0, warmup)
             actions = jnp.asarray(b["actions"][k])
             key, sub = jax.random.split(key)

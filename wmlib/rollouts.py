@@ -16,7 +16,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -323,13 +323,28 @@ def _worker_call(args: tuple) -> dict:
 # ---- branches: replay a recorded episode to step t0, then steer otherwise ------------------------------
 
 BRANCH_SOURCES = ("recovery", "weave")  # drivers that stay near the road, where steering matters
-BRANCH_STEERS = (-1.0, -0.6, -0.3, 0.0, 0.3, 0.6, 1.0)  # the wheel held at one of these for the branch's steps
+BRANCH_STEERS = (-1.0, -0.6, -0.3, 0.0, 0.3, 0.6, 1.0)  # the wheel is held at one of these at a time
+BRANCH_SEGMENTS = (1, 2, 4, 8)  # a varied branch holds that many steers in turn (the wheel swings, as C's does)
 
 
-def _branch_one(source: str, points: list[tuple[int, float]], horizon: int, out: str, fast: bool) -> dict:
+def branch_actions(recorded: np.ndarray, steers: Sequence[float], floor_gas: bool) -> np.ndarray:
+    """A branch's actions (H, 3): the recorded ones with the steering replaced by `steers` held in turn
+    (equal segments, the first ones one step longer when H does not divide), and with `floor_gas` the gas
+    at 1 and no brake (how an evolved C likes to drive)."""
+    taken = np.array(recorded, np.float32)
+    taken[:, 0] = np.concatenate([np.full(len(part), s, np.float32)
+                                  for s, part in zip(steers, np.array_split(np.arange(len(taken)), len(steers)))])
+    if floor_gas:
+        taken[:, 1:] = (1.0, 0.0)
+    return taken
+
+
+
+
+def _branch_one(source: str, points: list[tuple[int, list[float], bool]], horizon: int, out: str, fast: bool) -> dict:
     """Worker: the branches of one recorded episode. CarRacing is deterministic, so resetting to the
     episode's env seed and replaying its actions reproduces its state at step t0 (checked on the frame);
-    from there the wheel is held at the branch's steer for `horizon` steps (gas and brake as recorded).
+    from there the branch drives `horizon` steps of `branch_actions(recorded, steers, floor_gas)`.
     Each step's reward and whether it left the car off the road (as `Episode.offroad`) are kept.
     Branches the env ends early, or that would outlast the recording, are dropped."""
     ep = load_episode(source)
@@ -337,7 +352,7 @@ def _branch_one(source: str, points: list[tuple[int, float]], horizon: int, out:
     env: Any = make_env(fast=fast)
     kept: dict[str, list] = {"t0": [], "frames": [], "actions": [], "rewards": [], "offroad": []}
     try:
-        for t0, steer in points:
+        for t0, steers, floor_gas in points:
             if t0 + horizon > len(ep):  # the recording ends before the branch would
                 continue
             obs, _ = env.reset(seed=ep.seed)
@@ -347,8 +362,7 @@ def _branch_one(source: str, points: list[tuple[int, float]], horizon: int, out:
             if not np.array_equal(seen[0], ep.frames[t0]):
                 raise WMError(f"{source}: replaying its actions from env seed {ep.seed} gave another frame at step "
                               f"{t0} than the recorded one (recorded with another renderer or Gymnasium version?)")
-            taken = ep.actions[t0:t0 + horizon].copy()
-            taken[:, 0] = steer
+            taken = branch_actions(ep.actions[t0:t0 + horizon], steers, floor_gas)
             for a in taken:
                 obs, reward, terminated, _, _ = env.step(a)
                 seen.append(preprocess(obs))
@@ -368,7 +382,7 @@ def _branch_one(source: str, points: list[tuple[int, float]], horizon: int, out:
                   np.asarray(kept["actions"], np.float32).reshape(K, horizon, 3),
                   np.asarray(kept["rewards"], np.float32).reshape(K, horizon),
                   np.asarray(kept["offroad"], np.float32).reshape(K, horizon))
-    return {"steps": sum(t0 + horizon for t0, _ in points if t0 + horizon <= len(ep)), "branches": K}
+    return {"steps": sum(t0 + horizon for t0, *_ in points if t0 + horizon <= len(ep)), "branches": K}
 
 
 def _branch_call(args: tuple) -> dict:
@@ -377,14 +391,16 @@ def _branch_call(args: tuple) -> dict:
 
 def collect_branches(data: str | os.PathLike, out: str | os.PathLike, per_episode: int = 3, horizon: int = 24,
                      first: int = 60, last: int = 420, seed: int = 0, workers: int | None = None, fast: bool = True,
-                     probes: bool = False, progress: bool = True) -> dict:
+                     probes: bool = False, varied: bool = True, progress: bool = True) -> dict:
     """Branches of a collection's recorded episodes, for M's branch term (`mdnrnn.branch_loss`): the same
     real state, two futures that differ only in the steering.
 
     From each unmirrored episode of the drivers in `BRANCH_SOURCES` except the steering report's probes
     (`data.steering_probes`; with `probes`, from the probes alone: held-out branches for
-    `fidelity.hold_response`), `per_episode` branch points t0 in [first, last) and a held steer from
-    `BRANCH_STEERS` are drawn (generator seeded `seed`); `_branch_one` drives them. One file per source
+    `fidelity.hold_response`), `per_episode` branch points t0 in [first, last) are drawn (generator
+    seeded `seed`), each with its steering: `varied`, a number of segments from `BRANCH_SEGMENTS`, a
+    steer from `BRANCH_STEERS` for each, and the gas floored in half of them; else one held steer, gas
+    as recorded (the hold test's branches). `_branch_one` drives them. One file per source
     episode in `out` (same name), written atomically; existing files are skipped (resumable). Returns
     {"sources", "branches", "steps"}: the real steps driven, replays included.
     """
@@ -402,7 +418,10 @@ def collect_branches(data: str | os.PathLike, out: str | os.PathLike, per_episod
     rng = np.random.default_rng(seed)
     jobs = []
     for name in files:  # every episode's draw happens, done or not, so a resumed run draws the same points
-        points = [(int(t), float(rng.choice(BRANCH_STEERS))) for t in rng.integers(first, last, per_episode)]
+        points = []
+        for t0 in rng.integers(first, last, per_episode):
+            steers = rng.choice(BRANCH_STEERS, int(rng.choice(BRANCH_SEGMENTS)) if varied else 1)
+            points.append((int(t0), [float(x) for x in steers], bool(varied and rng.random() < 0.5)))
         if not (out / name).exists():
             jobs.append((str(Path(data) / name), points, horizon, str(out), fast))
     steps = 0
