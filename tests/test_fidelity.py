@@ -16,7 +16,7 @@ from wmlib.cli import main
 from wmlib.config import PRETRAINED_DIR, SAMPLE_DIR, EvolveConfig
 from wmlib.paths import SHIPPED
 from wmlib.controller import n_params
-from wmlib.data import Episode, load_episode, save_episode
+from wmlib.data import Episode, load_episode, save_branches, save_episode
 from wmlib.fitness import dream_params
 from wmlib.mdnrnn import MDNRNN
 
@@ -213,9 +213,13 @@ def test_fidelity_report_writes_json_and_figures(sample_run):
             save_episode(save_dir / "agent_000007.npz", short_sample("heuristic_000007.npz", "controller"))
         return np.full(2, float(np.sum(vec)))
 
+    H = 6  # one branch of the recovery episode that holds the wheel at 0.6 from step 70, off the road from step 4
+    actions = np.tile(np.float32([0.6, 0.3, 0.0]), (1, H, 1))
+    save_branches(root / "holds" / "recovery_000007.npz", "recovery_000007.npz", np.array([70]),
+                  np.zeros((1, H + 1, 64, 64, 3), np.uint8), actions, np.ones((1, H)), np.float32([[0, 0, 0, 0, 1, 1]]))
     report = fidelity.fidelity_report(PRETRAINED_DIR, data, evolve, EvolveConfig(road_starts=True), root / "out",
                                       controllers=3, dream_rollouts=2, horizons=(5, 10), real_score=reality,
-                                      per_driver=1, bend_rollouts=1, progress=False)
+                                      per_driver=1, bend_rollouts=1, progress=False, holds=root / "holds")
     written = json.loads((root / "out" / "fidelity.json").read_text())
     assert written["rank"]["generations"] == [1, 3, 4] and set(written["rank"]["spearman"]) == {"5", "10"}
     assert set(written["bends"]) == {"heuristic (real)", "random (real)", "recovery (real)", "controller (real)",
@@ -226,7 +230,10 @@ def test_fidelity_report_writes_json_and_figures(sample_run):
     assert set(written["reward"]) == {"heuristic", "random", "recovery", "controller"}
     assert written["steering"]["events"] == 2 and len(written["steering"]["real"]) == 24
     assert report["reward"] == written["reward"]
-    for name in ("fidelity_rank.png", "fidelity_bends.png", "fidelity_reward.png", "fidelity_steering.png"):
+    assert list(written["holds"]) == ["0.6"] and written["holds"]["0.6"]["real_steps"] == 4
+    assert 0 <= written["holds"]["0.6"]["dream_steps"] <= H
+    for name in ("fidelity_rank.png", "fidelity_bends.png", "fidelity_reward.png", "fidelity_steering.png",
+                 "fidelity_holds.png"):
         assert (root / "out" / name).stat().st_size > 1000
 
 

@@ -245,14 +245,15 @@ def cmd_fidelity(args) -> None:
     report = fidelity_report(args.agent, args.data, args.evolve, _preset(args).evolve, out,
                              controllers=args.controllers, real_episodes=args.real_episodes,
                              dream_rollouts=args.dream_rollouts, horizons=horizons, real_seed=args.real_seed,
-                             workers=args.workers, fast=not args.stock)
+                             workers=args.workers, fast=not args.stock, holds=args.holds)
     bends = report["bends"]
     print(json.dumps({"out": str(out), "spearman": report["rank"]["spearman"],
                       "bend": {name: {kind: v if kind == "geometry" else v["bend"] for kind, v in parts.items()}
                                for name, parts in bends.items()},
                       "road_seen": {name: {kind: v["road_seen"] for kind, v in parts.items() if kind != "geometry"}
                                     for name, parts in bends.items()},
-                      "steering_response_dream_over_real": report["steering"]["ratio"]}))
+                      "steering_response_dream_over_real": report["steering"]["ratio"],
+                      **({"holds": report["holds"]} if "holds" in report else {})}))
 
 
 def cmd_dream_sweep(args) -> None:
@@ -439,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real-seed", type=int, default=SELECTION_SEED,
                    help=f"real episode i runs on env seed REAL_SEED+i (default {SELECTION_SEED}, selection range)")
     p.add_argument("--out", default=None, help="folder for fidelity.json and figures (default EVOLVE/fidelity)")
+    p.add_argument("--holds", default=None, help="branches that hold the wheel on episodes M did not train on "
+                                                  "(`wm branches --probes --holds`): adds the hold test")
     preset_arg(p)
     env_args(p)
     p.set_defaults(func=cmd_fidelity)

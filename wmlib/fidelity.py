@@ -515,6 +515,24 @@ def steering_figure(response: dict):
     return fig
 
 
+def hold_figure(holds: dict):
+    """Steps until the car leaves the road with the wheel held, per held |steer|: reality and the dream."""
+    from wmlib.figures import _plt
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    steers = list(holds)
+    x = np.arange(len(steers))
+    for dx, (key, label, color) in zip((-0.2, 0.2), (("real_steps", "real", "k"), ("dream_steps", "dream", "C1"))):
+        ax.bar(x + dx, [holds[s][key] for s in steers], width=0.4, color=color, label=label)
+    ax.set_xticks(x, [f"|steer| {s}" for s in steers])
+    ax.set_ylabel("steps until off the road")
+    ax.set_title(f"holding the wheel ({sum(h['branches'] for h in holds.values())} branches)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def steering_report(mdnrnn, encoded: dict[str, dict[str, np.ndarray]], episodes: int = STEERING_PROBES,
                     seed: int = 0) -> dict:
     """`steering_response` on a collection's encodings (`data.load_encoded`): the read-out fitted on the
@@ -615,7 +633,8 @@ def fidelity_report(agent_dir: str | os.PathLike, data_dir: str | os.PathLike, e
                     dream_rollouts: int = 64, horizons: Sequence[int] = HORIZONS, real_seed: int = SELECTION_SEED,
                     workers: int | None = None, fast: bool = True,
                     real_score: Callable[[np.ndarray, Path | None], np.ndarray] | None = None,
-                    per_driver: int = 4, bend_rollouts: int = 8, seed: int = 0, progress: bool = True) -> dict:
+                    per_driver: int = 4, bend_rollouts: int = 8, seed: int = 0, progress: bool = True,
+                    holds: str | os.PathLike | None = None) -> dict:
     """All four measurements for an agent folder (V, M), a collection encoded by that V, and an
     evolution run in that M's dream (`cfg`: its dream settings: tau, start, road_starts); writes
     OUT_DIR/fidelity.json and fidelity_rank.png, fidelity_bends.png, fidelity_reward.png,
@@ -625,10 +644,12 @@ def fidelity_report(agent_dir: str | os.PathLike, data_dir: str | os.PathLike, e
     (`real_scorer`, or `real_score(vec, save_dir)` given), the last controller's kept for the bend
     and reward measurements. Bends and rewards also use `per_driver` episodes of each driver of the
     collection; the dream's frames come from `bend_rollouts` dreams of that last controller.
+    With `holds` (a folder of branches that hold the wheel, from episodes M did not train on: `wm branches
+    --probes --holds`) the report adds the hold test (`hold_response`, "holds", fidelity_holds.png).
     Returns the JSON's content.
     """
     from wmlib.agent import check_compatible, part_path
-    from wmlib.data import EpisodeError, encoded_dir, episode_files, load_encoded, load_episode
+    from wmlib.data import EpisodeError, encoded_dir, episode_files, load_branches, load_encoded, load_episode
     from wmlib.evolve import HISTORY_FILE, history
     from wmlib.figures import save
     from wmlib.files import ensure_dir, write_json
@@ -660,6 +681,7 @@ def fidelity_report(agent_dir: str | os.PathLike, data_dir: str | os.PathLike, e
     dream = dream_params(mdnrnn, encoded, cfg, horizon=max(horizons))
     out = ensure_dir(out_dir, "fidelity output folder")
     steering = steering_report(mdnrnn, encoded, seed=seed)  # first: a collection without jerks fails at once
+    held = hold_response(mdnrnn, encoded, load_branches(holds), seed=seed) if holds is not None else None
 
     final_dir = out / "real_episodes"  # the last controller's real episodes, of this report only
     for stale in final_dir.glob("agent_*.npz"):
@@ -686,10 +708,12 @@ def fidelity_report(agent_dir: str | os.PathLike, data_dir: str | os.PathLike, e
 
     report = {"agent": str(agent_dir), "data": str(data_dir), "evolve": str(evolve_dir),
               "dream": dataclasses.asdict(cfg), "rank": rank, "bends": bend, "bend_detector_vs_geometry": check,
-              "reward": calibration["drivers"], "steering": steering}
+              "reward": calibration["drivers"], "steering": steering, **({"holds": held} if held else {})}
     write_json(out / FIDELITY, report)
     save(rank_figure(rank), out / "fidelity_rank.png")
     save(bend_figure(bend), out / "fidelity_bends.png")
     save(reward_figure(calibration), out / "fidelity_reward.png")
     save(steering_figure(steering), out / "fidelity_steering.png")
+    if held:
+        save(hold_figure(held), out / "fidelity_holds.png")
     return report
