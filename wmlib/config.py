@@ -194,7 +194,7 @@ PRESETS: dict[str, Preset] = {
         evaluate=EvalConfig(episodes=100),
         iterations=3,
     ),
-    # the shipped dream-trained agent (`wm pipeline --preset results`, data/pretrained)
+    # the run whose V and first M the shipped agent builds on (data/pretrained/README.md: then branches and C)
     "results": Preset(
         name="results",
         collect=CollectConfig(policies=("recovery", "heuristic", "brownian"), episodes=(200, 60, 100),
