@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from test_mdnrnn import random_encoded
 from wmlib.config import RNNConfig
 from wmlib.data import branch_pairs, load_branches, load_episode, save_episode, steering_probes
 from wmlib.env import make_env, offroad_steps, preprocess, track_of_seed
@@ -167,11 +168,7 @@ def test_branch_pairs_hold_each_branch_and_its_mirror_image():
 def test_train_mdnrnn_learns_the_branch_term(tmp_path):
     """Pairs whose real difference is the steering difference: the logged branch term falls."""
     rng = np.random.default_rng(5)
-    encoded = {f"ep_{i}.npz": {"mu": rng.normal(size=(12, Z)).astype(np.float32),
-                               "logvar": np.full((12, Z), -3.0, np.float32),
-                               "actions": rng.uniform(size=(12, A)).astype(np.float32),
-                               "rewards": rng.normal(size=12).astype(np.float32),
-                               "dones": np.eye(12, dtype=np.float32)[-1]} for i in range(3)}
+    encoded = random_encoded(rng, z_dim=Z)
     warm_z, warm_a, z0, act_a, act_b, _ = (np.asarray(x, np.float32) for x in random_pairs(rng, n=16))
     diff = np.cumsum(act_a[:, :, :1] - act_b[:, :, :1], axis=1) * np.ones(Z, np.float32)  # the wheel moves every z
     pairs = dict(warm_z=warm_z, warm_a=warm_a, z0=z0, act_a=act_a, act_b=act_b, diff=diff)

@@ -292,13 +292,17 @@ def test_split_keeps_mirror_images_together():
     assert {n.replace("_mirror", "") for n in val}.isdisjoint({n.replace("_mirror", "") for n in train})
 
 
+def random_encoded(rng, episodes: int = 3, steps: int = 12, z_dim: int = Z) -> dict:
+    """Encoded episodes of random latents and actions, each ending in a done."""
+    return {f"ep_{i}.npz": {"mu": rng.normal(size=(steps, z_dim)).astype(np.float32),
+                            "logvar": np.full((steps, z_dim), -3.0, np.float32),
+                            "actions": rng.uniform(size=(steps, A)).astype(np.float32),
+                            "rewards": rng.normal(size=steps).astype(np.float32),
+                            "dones": np.eye(steps, dtype=np.float32)[-1]} for i in range(episodes)}
+
+
 def test_train_mdnrnn_writes_a_loadable_checkpoint(tmp_path):
-    rng = np.random.default_rng(7)
-    encoded = {f"ep_{i}.npz": {"mu": rng.normal(size=(12, Z)).astype(np.float32),
-                               "logvar": np.full((12, Z), -3.0, np.float32),
-                               "actions": rng.uniform(size=(12, A)).astype(np.float32),
-                               "rewards": rng.normal(size=12).astype(np.float32),
-                               "dones": np.eye(12, dtype=np.float32)[-1]} for i in range(3)}
+    encoded = random_encoded(np.random.default_rng(7))
     cfg = RNNConfig(hidden=H, seq_len=5, batch_size=2, epochs=2, val_episodes=1)
     model = train_mdnrnn(encoded, tmp_path, cfg, vae_id="abc", progress=False)
     loaded, header = load_mdnrnn(tmp_path / "mdnrnn.eqx")
