@@ -342,12 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
     preset_arg(p)
     p.set_defaults(func=cmd_train_rnn)
 
-    p = sub.add_parser("branches", help="replay recorded episodes to a step, then hold the wheel: pairs of real "
+    p = sub.add_parser("branches", help="replay recorded episodes to a step, then steer otherwise: pairs of real "
                                         "futures that differ only in the steering, for train-rnn --branches")
     p.add_argument("--data", required=True, help="collection with recovery or weave episodes")
     p.add_argument("--out", required=True, help="branch folder (created; re-running resumes)")
     p.add_argument("--per-episode", type=_positive_int, default=3, help="branch points per recorded episode")
-    p.add_argument("--horizon", type=_positive_int, default=24, help="steps the wheel is held after a branch point")
+    p.add_argument("--horizon", type=_positive_int, default=24, help="steps of the other steering after a branch point")
     p.add_argument("--seed", type=int, default=0, help="seed of the branch points and held steers")
     p.add_argument("--holds", action="store_true",
                    help="one held steer per branch, gas as recorded (the hold test's branches); default: the wheel "

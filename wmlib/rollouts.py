@@ -339,8 +339,6 @@ def branch_actions(recorded: np.ndarray, steers: Sequence[float], floor_gas: boo
     return taken
 
 
-
-
 def _branch_one(source: str, points: list[tuple[int, list[float], bool]], horizon: int, out: str, fast: bool) -> dict:
     """Worker: the branches of one recorded episode. CarRacing is deterministic, so resetting to the
     episode's env seed and replaying its actions reproduces its state at step t0 (checked on the frame);
