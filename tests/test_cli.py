@@ -11,7 +11,7 @@ import pytest
 
 from test_paths import relative_files, shipped_run_files
 from wmlib.config import PRETRAINED_DIR, SAMPLE_DIR
-from wmlib.data import episode_files, load_episode
+from wmlib.data import episode_files, load_branches, load_episode
 from wmlib.evolve import history
 from wmlib.paths import PARTS, SHIPPED, RunPaths
 from wmlib.pipeline import real_frames
@@ -83,6 +83,20 @@ def test_branches_and_train_rnn_with_branches_bad_input(tmp_path):
                        "--horizon", 4, "--workers", 1, "--seed", 3))
     # seed 3 draws branch points 352 and 90: the first lies beyond the 110 recorded steps and is dropped
     assert out["sources"] == 1 and out["branches"] == 1 and out["steps"] == 90 + 4
+    out = last_json(wm("branches", "--data", tmp_path / "d", "--out", tmp_path / "late", "--per-episode", 2,
+                       "--horizon", 4, "--workers", 1, "--first", 100, "--last", 103, "--drivers", "weave"))
+    t0 = load_branches(tmp_path / "late")["weave_1000000.npz"]["t0"]
+    assert out["branches"] == 2 and set(t0) <= {100, 101, 102} and out["steps"] == t0.sum() + 2 * 4
+    proc = wm("branches", "--data", tmp_path / "d", "--out", tmp_path / "c", "--drivers", "controller", check=False)
+    assert proc.returncode == 2 and f"{tmp_path / 'd'} has no episodes of controller to branch" in proc.stderr
+    joined = load_branches(tmp_path / "b", tmp_path / "late")["weave_1000000.npz"]
+    assert list(joined["t0"]) == [90, *t0] and joined["frames"].shape == (3, 5, 64, 64, 3)
+    out = last_json(wm("branches", "--data", tmp_path / "d", "--out", tmp_path / "long", "--per-episode", 1,
+                       "--horizon", 5, "--workers", 1, "--first", 100, "--last", 101))
+    proc = wm("train-rnn", "--data", SAMPLE_DIR, "--vae", SHIPPED.vae, "--out", tmp_path / "m", "--branches",
+              tmp_path / "b", tmp_path / "long", check=False)
+    assert proc.returncode == 2 and "its branches last 5 steps, those of weave_1000000.npz in an earlier folder 4" \
+        in proc.stderr
     (tmp_path / "empty").mkdir()
     proc = wm("train-rnn", "--data", SAMPLE_DIR, "--vae", SHIPPED.vae, "--out", tmp_path / "m", "--branches",
               tmp_path / "empty", check=False)

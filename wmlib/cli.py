@@ -108,7 +108,7 @@ def cmd_train_rnn(args) -> None:
     if args.branches:
         from wmlib.data import load_branches
 
-        branches = load_branches(args.branches)  # before the encodings: a wrong folder fails at once
+        branches = load_branches(*args.branches)  # before the encodings: a wrong folder fails at once
     encoded = load_encoded(args.data, vae_id)
     pairs = None
     if branches is not None:
@@ -125,7 +125,8 @@ def cmd_branches(args) -> None:
 
     print(json.dumps({"out": str(args.out), **collect_branches(
         args.data, args.out, per_episode=args.per_episode, horizon=args.horizon, seed=args.seed,
-        workers=args.workers, fast=not args.stock, probes=args.probes, varied=not args.holds)}))
+        first=args.first, last=args.last, workers=args.workers, fast=not args.stock, probes=args.probes,
+        varied=not args.holds, **({"drivers": args.drivers} if args.drivers else {}))}))
 
 
 def cmd_evolve(args) -> None:
@@ -336,19 +337,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of reward over-prediction in M's loss (default 1; >1 makes M pessimistic)")
     p.add_argument("--dropout", type=float, default=None,
                    help="dropout on M's LSTM inputs and state while training (Dropout's Dream Land: 0.05)")
-    p.add_argument("--branches", default=None,
-                   help="folder of branches of the collection (`wm branches`): M also learns what the wheel does "
+    p.add_argument("--branches", nargs="+", default=None,
+                   help="folders of branches of the collection (`wm branches`): M also learns what the wheel does "
                         "(weight rnn.w_branch)")
     preset_arg(p)
     p.set_defaults(func=cmd_train_rnn)
 
     p = sub.add_parser("branches", help="replay recorded episodes to a step, then steer otherwise: pairs of real "
                                         "futures that differ only in the steering, for train-rnn --branches")
-    p.add_argument("--data", required=True, help="collection with recovery or weave episodes")
+    p.add_argument("--data", required=True, help="collection with episodes of --drivers")
     p.add_argument("--out", required=True, help="branch folder (created; re-running resumes)")
     p.add_argument("--per-episode", type=_positive_int, default=3, help="branch points per recorded episode")
     p.add_argument("--horizon", type=_positive_int, default=24, help="steps of the other steering after a branch point")
     p.add_argument("--seed", type=int, default=0, help="seed of the branch points and held steers")
+    p.add_argument("--drivers", nargs="+", default=None,
+                   help="branch the episodes of these policies (default: recovery weave; controller: an agent's own, "
+                        "where it fails)")
+    p.add_argument("--first", type=_positive_int, default=60, help="branch points lie in [first, last)")
+    p.add_argument("--last", type=_positive_int, default=420, help="branch points lie in [first, last)")
     p.add_argument("--holds", action="store_true",
                    help="one held steer per branch, gas as recorded (the hold test's branches); default: the wheel "
                         "swings between 1 to 8 held steers and half the branches floor the gas")

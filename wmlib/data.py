@@ -402,25 +402,32 @@ def save_branches(path: str | os.PathLike, source: str, t0: np.ndarray, frames: 
     return Path(path)
 
 
-def load_branches(folder: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
-    """Every branch file of a folder (`rollouts.collect_branches`): {source episode file name: {t0, frames,
-    actions, rewards, offroad}}; a defective file is reported by path."""
-    folder = Path(folder)
-    files = sorted(p for p in folder.glob("*.npz") if not p.name.startswith(".")) if folder.is_dir() else []
-    if not files:
-        raise EpisodeError(f"branch folder {folder} holds no branch files; run `wm branches` first")
-    out = {}
-    for p in files:
-        try:
-            with np.load(p, allow_pickle=False) as z:
-                if "format" not in z.files or "source" not in z.files or int(z["format"]) != BRANCH_FORMAT:
-                    raise EpisodeError(f"{p} is not a wmlib branch file of format {BRANCH_FORMAT} "
-                                       f"(keys: {', '.join(z.files) or 'none'})")
-                out[str(z["source"])] = {k: z[k] for k in BRANCH_ARRAYS}
-        except (zipfile.BadZipFile, EOFError, OSError, KeyError, ValueError) as e:
-            if isinstance(e, EpisodeError):
-                raise
-            raise EpisodeError(f"{p} is truncated or not a branch file ({type(e).__name__}: {e})") from None
+def load_branches(*folders: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
+    """Every branch file of the folders (`rollouts.collect_branches`): {source episode file name: {t0,
+    frames, actions, rewards, offroad}}, the branches of one source in several folders joined (they must
+    have the same horizon); a defective file is reported by path."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for folder in map(Path, folders):
+        files = sorted(p for p in folder.glob("*.npz") if not p.name.startswith(".")) if folder.is_dir() else []
+        if not files:
+            raise EpisodeError(f"branch folder {folder} holds no branch files; run `wm branches` first")
+        for p in files:
+            try:
+                with np.load(p, allow_pickle=False) as z:
+                    if "format" not in z.files or "source" not in z.files or int(z["format"]) != BRANCH_FORMAT:
+                        raise EpisodeError(f"{p} is not a wmlib branch file of format {BRANCH_FORMAT} "
+                                           f"(keys: {', '.join(z.files) or 'none'})")
+                    source, found = str(z["source"]), {k: z[k] for k in BRANCH_ARRAYS}
+            except (zipfile.BadZipFile, EOFError, OSError, KeyError, ValueError) as e:
+                if isinstance(e, EpisodeError):
+                    raise
+                raise EpisodeError(f"{p} is truncated or not a branch file ({type(e).__name__}: {e})") from None
+            if source in out:
+                if out[source]["frames"].shape[1:] != found["frames"].shape[1:]:
+                    raise EpisodeError(f"{p}: its branches last {found['actions'].shape[1]} steps, those of "
+                                       f"{source} in an earlier folder {out[source]['actions'].shape[1]}")
+                found = {k: np.concatenate([out[source][k], found[k]]) for k in BRANCH_ARRAYS}
+            out[source] = found
     return out
 
 

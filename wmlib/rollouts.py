@@ -322,7 +322,7 @@ def _worker_call(args: tuple) -> dict:
 
 # ---- branches: replay a recorded episode to step t0, then steer otherwise ------------------------------
 
-BRANCH_SOURCES = ("recovery", "weave")  # drivers that stay near the road, where steering matters
+BRANCH_SOURCES = ("recovery", "weave")  # default drivers: they stay near the road, where steering matters
 BRANCH_STEERS = (-1.0, -0.6, -0.3, 0.0, 0.3, 0.6, 1.0)  # the wheel is held at one of these at a time
 BRANCH_SEGMENTS = (1, 2, 4, 8)  # a varied branch holds that many steers in turn (the wheel swings, as C's does)
 
@@ -354,8 +354,12 @@ def _branch_one(source: str, points: list[tuple[int, list[float], bool]], horizo
             if t0 + horizon > len(ep):  # the recording ends before the branch would
                 continue
             obs, _ = env.reset(seed=ep.seed)
-            for a in ep.actions[:t0]:
-                obs, *_ = env.step(a)
+            env.unwrapped.skip_pixels = fast  # only the last replayed step's frame is looked at
+            for a in ep.actions[:t0 - 1]:
+                env.step(a)
+            env.unwrapped.skip_pixels = False
+            if t0 > 0:
+                obs, *_ = env.step(ep.actions[t0 - 1])
             seen, rewards, car_xy = [preprocess(obs)], [], []
             if not np.array_equal(seen[0], ep.frames[t0]):
                 raise WMError(f"{source}: replaying its actions from env seed {ep.seed} gave another frame at step "
@@ -389,11 +393,13 @@ def _branch_call(args: tuple) -> dict:
 
 def collect_branches(data: str | os.PathLike, out: str | os.PathLike, per_episode: int = 3, horizon: int = 24,
                      first: int = 60, last: int = 420, seed: int = 0, workers: int | None = None, fast: bool = True,
-                     probes: bool = False, varied: bool = True, progress: bool = True) -> dict:
+                     probes: bool = False, varied: bool = True, drivers: Sequence[str] = BRANCH_SOURCES,
+                     progress: bool = True) -> dict:
     """Branches of a collection's recorded episodes, for M's branch term (`mdnrnn.branch_loss`): the same
     real state, two futures that differ only in the steering.
 
-    From each unmirrored episode of the drivers in `BRANCH_SOURCES` except the steering report's probes
+    From each unmirrored episode of `drivers` (policy names; "controller": an agent's own episodes, where
+    it fails) except the steering report's probes
     (`data.steering_probes`; with `probes`, from the probes alone: held-out branches for
     `fidelity.hold_response`), `per_episode` branch points t0 in [first, last) are drawn (generator
     seeded `seed`), each with its steering: `varied`, a number of segments from `BRANCH_SEGMENTS`, a
@@ -402,11 +408,11 @@ def collect_branches(data: str | os.PathLike, out: str | os.PathLike, per_episod
     episode in `out` (same name), written atomically; existing files are skipped (resumable). Returns
     {"sources", "branches", "steps"}: the real steps driven, replays included.
     """
-    files = [p.name for p in episode_files(data, mirrored=False) if p.name.split("_")[0] in BRANCH_SOURCES]
+    files = [p.name for p in episode_files(data, mirrored=False) if p.name.split("_")[0] in drivers]
     held = set(steering_probes(files))
     files = sorted(held) if probes else [p for p in files if p not in held]
     if not files:
-        raise WMError(f"{data} has no episodes of {', '.join(BRANCH_SOURCES)} to branch "
+        raise WMError(f"{data} has no episodes of {', '.join(drivers)} to branch "
                       + ("(the steering report's probes are recovery episodes)" if probes else
                          f"(beyond the {len(held)} the steering report keeps)"))
     if not 0 < first < last or horizon < 1 or per_episode < 1:

@@ -123,6 +123,8 @@ class CarRacingFast(CarRacing):
     - the upside-down flip and the shrink to 96x96 are done on shrunk rows (see note (4) in the module docstring);
     - the score font is loaded once.
     `self.surf` after a state_pixels/rgb_array frame holds only the bar rows of the flipped frame.
+    With `skip_pixels` set, steps return no observation (None) and draw nothing: physics, rewards and
+    terminations are unchanged, so replaying recorded actions to a state costs the physics alone.
     """
 
     # stock CarRacing starts these as None (so a type checker reads them as always None)
@@ -136,6 +138,7 @@ class CarRacingFast(CarRacing):
         self._font = None
         self._score = (None, None)  # the last score string and its rendered surface
         self._track_source = None  # the road_poly list that _track_arrays was built from
+        self.skip_pixels = False
 
     def _track_arrays(self):
         """Grass then road polygons: x, y (P, 4) and centre x, y, reach (P,), once per track."""
@@ -168,6 +171,8 @@ class CarRacingFast(CarRacing):
 
     def _render(self, mode: str):
         assert mode in self.metadata["render_modes"]
+        if self.skip_pixels and mode == "state_pixels":
+            return None
 
         pygame.font.init()
         if self.screen is None and mode == "human":
