@@ -193,5 +193,32 @@ def test_pipeline_smoke_runs_every_stage_and_resumes(tmp_path):
         assert exported.agent_part(part).read_bytes() == final.agent_part(part).read_bytes()
     assert exported.vae.read_bytes() == final.agent_part("V").read_bytes() == RunPaths(tmp_path).vae.read_bytes()
     assert exported.eval.read_text() == final.eval.read_text()
+    # a recipe grows the run by wm command lines (the results preset's branch rounds): branches of the
+    # agent's own episodes, M fine-tuned with them, two evolutions chosen between by reality, the test
+    recipe = ",".join((
+        "branches --data {run}/data --out {run}/iter_2/branches --drivers controller --per-episode 1 --first 44 "
+        "--last 48 --horizon 8",
+        "train-rnn --data {run}/data --vae {run}/vae/vae.eqx --out {run}/iter_2/mdnrnn --init "
+        "{run}/iter_1/agent/mdnrnn.eqx --epochs 1 --preset smoke --branches {run}/iter_2/branches",
+        "select --stage {run}/iter_2 --vae {run}/vae/vae.eqx --data {run}/data --runs 2 --episodes 1 --max-steps 60 "
+        "--preset smoke",
+        "evaluate --agent {run}/iter_2/agent --episodes 2 --max-steps 60 --out {run}/iter_2/eval.json"))
+    proc = wm("pipeline", "--preset", "smoke", "--run", tmp_path, "--workers", 2, "--set", f"recipe={recipe}")
+    assert "done earlier" in proc.stdout and "iter_2" in proc.stdout
+    stages = json.loads((tmp_path / "stages.json").read_text())
+    assert {"recipe_1/branches", "recipe_2/train-rnn", "recipe_3/select", "recipe_4/evaluate"} <= set(stages)
+    it = RunPaths(tmp_path).iteration(2)
+    selection = json.loads(it.selection.read_text())
+    assert [c["name"] for c in selection["candidates"]] == ["seed_0", "seed_1"] and selection["frames"] == 2 * 60
+    assert it.evolve_metrics.read_text() == (it.evolve_dir / selection["chosen"] / "metrics.jsonl").read_text()
+    assert it.agent_part("C").read_bytes() == it.selected.read_bytes()
+    assert it.agent_part("M").read_bytes() == it.mdnrnn.read_bytes()
+    branches = load_branches(it.root / "branches")
+    assert len(branches) == 2  # iter_1's two controller episodes, one branch each
+    frames = real_frames(tmp_path)
+    assert frames["branches"] == sum(int(b["t0"][0]) + 8 for b in branches.values())
+    assert frames["selection"] == 4 * 60 + 2 * 60 and frames["total"] == 12 * 60 + 2 * 60 + frames["branches"]
+    assert json.loads(it.eval.read_text())["episodes"] == 2
+    assert RunPaths(tmp_path).final().root == it.root
     proc = wm("pipeline", "--preset", "tiny", "--run", tmp_path, check=False)
     assert proc.returncode == 2 and "valid presets: smoke, quick, full" in proc.stderr

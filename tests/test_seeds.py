@@ -52,6 +52,18 @@ def test_a_preset_that_would_train_on_test_seeds_refuses_to_start(tmp_path):
     peeking = dataclasses.replace(smoke, evolve=dataclasses.replace(smoke.evolve, real_seed=5))
     with pytest.raises(ValueError, match="select C"):
         run_pipeline(peeking, tmp_path / "run2")
+    # the recipe's commands are read by wm's parser and their seeds checked before anything runs
+    recipe = dataclasses.replace(smoke, recipe=("collect --policy weave --episodes 3 --seed 7 --out {run}/data",))
+    with pytest.raises(ValueError, match="recipe 1: collect weave: env seeds 7..9 are not all in the training"):
+        run_pipeline(recipe, tmp_path / "run3")
+    chooser = dataclasses.replace(smoke, recipe=("select --stage {run}/iter_2 --vae V --data D --seed 0",))
+    with pytest.raises(ValueError, match="recipe 1: select: env seeds 0..63 are not all in the selection"):
+        run_pipeline(chooser, tmp_path / "run4")
+    for line, why in (("collect --polcy weave", "recipe line 1 is not a wm command line"),
+                      ("export --run {run} --out x", "`wm export` cannot be a recipe step")):
+        with pytest.raises(ValueError, match=why):
+            run_pipeline(dataclasses.replace(smoke, recipe=(line,)), tmp_path / "run5")
+    assert not any((tmp_path / f"run{k}").exists() for k in (3, 4, 5))
 
 
 def test_collect_plan_per_policy_counts():

@@ -86,6 +86,13 @@ def test_changed_settings_lists_each_difference_and_lets_growable_ones_grow():
                                                                          "evolve.generations: 2 -> 1"]
     assert changed_settings(other, smoke, growable=["iterations"])[-1] == "iterations: 3 -> 1"  # shrinking: no
     assert changed_settings(smoke, get_preset("quick"))[0] == "name: 'smoke' -> 'quick'"
+    # a recipe grows by lines added after the same ones; any other change is a change
+    one, two = (with_settings(smoke, {"recipe": lines}) for lines in (("encode a",), ("encode a", "encode b")))
+    assert changed_settings(one, two, growable=["recipe"]) == []
+    assert changed_settings(two, one, growable=["recipe"]) == ["recipe: ('encode a', 'encode b') -> ('encode a',)"]
+    other_first = with_settings(smoke, {"recipe": ("encode c", "encode b")})
+    assert changed_settings(one, other_first, growable=["recipe"]) == \
+        ["recipe: ('encode a',) -> ('encode c', 'encode b')"]
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@
     wm branches --data DIR --out DIR                the same real state, another steering (--branches of train-rnn)
     wm evolve --agent DIR --data DIR --out DIR      C by CMA-ES in the dream (notebook 04)
     wm evolve --agent DIR --where real --out DIR    C by CMA-ES on real episodes (the paper's setup)
+    wm select --stage DIR --vae FILE --data DIR     evolve C a few times in the dream, keep reality's choice
     wm evaluate --agent DIR --episodes 100          real episodes, JSON result (notebook 05)
     wm iterate --run DIR                            one more sim2real iteration of a pipeline run
     wm dream-sweep --setting tau --values 0.5,1.0   C evolved in the dream at each value, dream vs real
@@ -181,7 +182,26 @@ def cmd_evaluate(args) -> None:
         write_media(args.agent, save_dir, video_dir=args.video, filmstrip=args.filmstrip)
     for f in result["failed"]:
         print(f"episode seed {f['seed']} failed: {f['error']}", file=sys.stderr)
+    if args.out:
+        from wmlib.files import write_json
+
+        write_json(args.out, result)
     print(json.dumps({k: result[k] for k in ("mean", "std", "episodes", "seed", "frames", "scores")}))
+
+
+def cmd_select(args) -> None:
+    from wmlib.paths import RunPaths
+    from wmlib.pipeline import evolve_and_choose
+
+    stage = RunPaths(args.stage)
+    if not stage.mdnrnn.is_file():
+        raise WMError(f"--stage {args.stage}: no M at {stage.mdnrnn} (train one there first: wm train-rnn --out "
+                      f"{stage.mdnrnn_dir})")
+    cfg = _preset(args).evolve
+    result = evolve_and_choose(stage, Path(args.vae), Path(args.data), cfg, args.runs, args.episodes, args.seed,
+                               max_steps=args.max_steps, workers=args.workers, fast=not args.stock)
+    print(json.dumps({"chosen": result["chosen"], "agent": str(stage.agent_dir), "frames": result["frames"],
+                      "real_means": {r["name"]: r["real_mean"] for r in result["candidates"]}}))
 
 
 def cmd_iterate(args) -> None:
@@ -280,7 +300,7 @@ def backend_args(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from wmlib.config import PRESETS, TRAINING_SEED
+    from wmlib.config import PRESETS, SELECTION_SEED, TRAINING_SEED
 
     parser = argparse.ArgumentParser(prog="wm", description="World Models (Ha & Schmidhuber, 2018) on CarRacing-v3")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -402,8 +422,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=_positive_int, default=16, help="episodes each worker drives in lockstep")
     p.add_argument("--z-mode", choices=["sample", "mean"], default="sample",
                    help="C sees a draw from V's posterior (default, as in the dream) or V's mean")
+    p.add_argument("--out", default=None, help="also write the whole result (every episode) to this JSON file")
     env_args(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("select", help="evolve C several times in M's dream and keep the one reality prefers "
+                                      "(on selection-range tracks): a stage's agent")
+    p.add_argument("--stage", required=True, help="stage folder with mdnrnn/mdnrnn.eqx (e.g. RUN/iter_2); gets "
+                                                  "evolve/seed_S/ per evolution, evolve/selection.json and agent/")
+    p.add_argument("--vae", required=True, help="the V whose latents M was trained on")
+    p.add_argument("--data", required=True, help="encoded collection the dreams start from")
+    p.add_argument("--runs", type=_positive_int, default=2, help="evolutions (seeds evolve.seed, evolve.seed+1, ...)")
+    p.add_argument("--episodes", type=_positive_int, default=64, help="selection tracks per evolution's C")
+    p.add_argument("--seed", type=int, default=SELECTION_SEED,
+                   help=f"episode i runs on env seed SEED+i (default {SELECTION_SEED}: the selection range)")
+    p.add_argument("--max-steps", type=_positive_int, default=1000)
+    preset_arg(p)
+    env_args(p)
+    p.set_defaults(func=cmd_select)
 
     p = sub.add_parser("iterate", help="one more sim2real iteration of a pipeline run")
     p.add_argument("--run", required=True)

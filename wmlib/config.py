@@ -167,10 +167,42 @@ class Preset:
     evolve: EvolveConfig = field(default_factory=EvolveConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     iterations: int = 1
+    # wm command lines run after the iterations, in order, each a stage ({run}: the run folder): the
+    # steps the method took beyond them, e.g. the results preset's branch rounds (`pipeline.run_recipe`)
+    recipe: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+
+_RUN = "--data {run}/data --vae {run}/vae/vae.eqx"
+_CHOOSE = ("--preset results --set evolve.inputs=z --set evolve.generations=30 --set evolve.popsize=32 "
+           "--set evolve.repeats=8 --set evolve.dream_dropout=0.1")
+RESULTS_RECIPE = (
+    # round 1 (iter_2): exogenous steering (weave), M with dropout, then branches of the recovery and
+    # weave episodes; two C's on z alone evolved in that dream, reality chooses on 64 selection tracks
+    "collect --policy weave --episodes 150 --seed 1300000 --out {run}/data --mirror",
+    "encode --data {run}/data --vae {run}/vae/vae.eqx --mirror",
+    f"train-rnn {_RUN} --out {{run}}/iter_2/dropout --init {{run}}/iter_1/agent/mdnrnn.eqx --epochs 6 --dropout 0.05 "
+    "--preset results",
+    "branches --data {run}/data --out {run}/iter_2/branches --horizon 48 --per-episode 4 --seed 3",
+    f"train-rnn {_RUN} --out {{run}}/iter_2/mdnrnn --init {{run}}/iter_2/dropout/mdnrnn.eqx --epochs 3 "
+    "--dropout 0.05 --preset results --branches {run}/iter_2/branches --set rnn.w_branch=10",
+    f"select --stage {{run}}/iter_2 {_RUN} --runs 2 --episodes 64 {_CHOOSE}",
+    "evaluate --agent {run}/iter_2/agent --episodes 100 --seed 0 --out {run}/iter_2/eval.json",
+    # round 2 (iter_3): that agent's own episodes branched where it drives (and fails), more recovery and
+    # weave branches, M fine-tuned on all branches; four evolutions, reality chooses
+    "collect --policy controller --agent {run}/iter_2/agent --episodes 120 --seed 1500000 --out {run}/data --mirror",
+    "encode --data {run}/data --vae {run}/vae/vae.eqx --mirror",
+    "branches --data {run}/data --out {run}/iter_3/branches_agent --drivers controller --per-episode 5 --first 60 "
+    "--last 700 --horizon 48 --seed 5",
+    "branches --data {run}/data --out {run}/iter_3/branches --per-episode 3 --horizon 48 --seed 4",
+    f"train-rnn {_RUN} --out {{run}}/iter_3/mdnrnn --init {{run}}/iter_2/mdnrnn/mdnrnn.eqx --epochs 2 "
+    "--dropout 0.05 --preset results --branches {run}/iter_2/branches {run}/iter_3/branches "
+    "{run}/iter_3/branches_agent --set rnn.w_branch=10",
+    f"select --stage {{run}}/iter_3 {_RUN} --runs 4 --episodes 64 {_CHOOSE}",
+    "evaluate --agent {run}/iter_3/agent --episodes 100 --seed 0 --out {run}/iter_3/eval.json",
+)
 
 PRESETS: dict[str, Preset] = {
     "smoke": Preset(
@@ -194,7 +226,7 @@ PRESETS: dict[str, Preset] = {
         evaluate=EvalConfig(episodes=100),
         iterations=3,
     ),
-    # the run whose V and first M the shipped agent builds on (data/pretrained/README.md: then branches and C)
+    # the shipped agent: a run of 1 sim2real iteration, then branch rounds (data/pretrained/README.md)
     "results": Preset(
         name="results",
         collect=CollectConfig(policies=("recovery", "heuristic", "brownian"), episodes=(200, 60, 100),
@@ -205,6 +237,7 @@ PRESETS: dict[str, Preset] = {
                             select_episodes=16),
         evaluate=EvalConfig(episodes=100),
         iterations=1,
+        recipe=RESULTS_RECIPE,
     ),
 }
 
@@ -349,8 +382,13 @@ def preset_from_dict(d: Mapping[str, Any]) -> Preset:
 
 def changed_settings(before: Preset, after: Preset, growable: Iterable[str] = ()) -> list[str]:
     """"name: old -> new" for every setting (and the preset's name) that differs between `before` and
-    `after`, except the `growable` ones (e.g. "iterations") when they only grew."""
+    `after`, except the `growable` ones (e.g. "iterations", "recipe") when they only grew: a number
+    became larger, a tuple got more items after the same ones."""
     old, new = flat_settings(before), flat_settings(after)
     grows = set(growable)
+
+    def grew(a, b) -> bool:
+        return b[:len(a)] == a if isinstance(a, tuple) else b > a
+
     return [f"{k}: {old[k]!r} -> {v!r}" for k, v in new.items()
-            if old[k] != v and not (k in grows and v > old[k])]
+            if old[k] != v and not (k in grows and grew(old[k], v))]

@@ -431,6 +431,18 @@ def load_branches(*folders: str | os.PathLike) -> dict[str, dict[str, np.ndarray
     return out
 
 
+def branch_steps(*folders: str | os.PathLike) -> int:
+    """The real env steps behind the branches of `folders`: each branch replays its source to t0, then
+    drives its H steps (read from the files' small arrays only)."""
+    steps = 0
+    for folder in map(Path, folders):
+        for p in sorted(folder.glob("*.npz")):
+            if not p.name.startswith("."):
+                with np.load(p, allow_pickle=False) as z:
+                    steps += int(z["t0"].sum()) + int(np.prod(z["rewards"].shape))
+    return steps
+
+
 def branch_pairs(encoded: dict[str, dict[str, np.ndarray]], branches: dict[str, dict[str, np.ndarray]],
                  encode_fn, warmup: int) -> dict[str, np.ndarray]:
     """Pairs of real futures from the same state for M's branch term (`mdnrnn.branch_loss`), each also

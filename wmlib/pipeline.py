@@ -6,7 +6,9 @@ sim2real iterations, `GROWABLE`), data/ (real episodes of every policy and, afte
 agent's own), vae/, mdnrnn/, evolve/ (the CMA-ES state, history and metrics, the best dream controller
 and, with select_candidates, the one chosen on selection-range tracks), agent/ (V, M and C together:
 what `wm evaluate --agent` reads), eval.json, iter_K/ (each sim2real iteration: its M, evolution,
-agent and evaluation) and stages.json (which stages are done; a re-run skips them).
+agent and evaluation), the recipe's outputs (`Preset.recipe`: wm command lines run after the
+iterations, e.g. the results preset's branch rounds in iter_2/, iter_3/) and stages.json (which stages
+are done; a re-run skips them).
 
 Env seeds: collections use the training range, every real episode that helps choose C the selection
 range, and only the final evaluation the test range (`config.SEED_RANGES`; `seed_plan` lists them
@@ -33,7 +35,8 @@ from wmlib.files import atomic_write, read_jsonl, write_json
 from wmlib.paths import FIDELITY, PARTS, RunPaths
 
 DATA_SEED_STRIDE = 100_000  # policy k / iteration i collect on env seeds base + stride * (k or i)
-GROWABLE = ("iterations",)  # settings a resumed run may raise: the done stages stay valid, new ones follow
+GROWABLE = ("iterations", "recipe")  # settings a resumed run may grow: the done stages stay valid, new ones follow
+RECIPE_SEEDS = {"collect": "training", "select": "selection", "dream-sweep": "selection", "evaluate": "test"}
 
 
 def iteration_seed(preset: Preset, i: int) -> int:
@@ -53,7 +56,42 @@ def seed_plan(preset: Preset) -> list[tuple[str, str, int, int]]:
     if e.select_candidates:
         plan.append(("selection", "select C", e.real_seed, e.select_episodes))
     plan.append(("test", "evaluate", preset.evaluate.seed, preset.evaluate.episodes))
+    for j, args in enumerate(recipe_commands(preset, Path("{run}")), 1):
+        if args.command in RECIPE_SEEDS:
+            what = f"recipe {j}: {args.command}" + (f" {args.policy}" if args.command == "collect" else "")
+            plan.append((RECIPE_SEEDS[args.command], what, args.seed, args.episodes))
     return plan
+
+
+def recipe_commands(preset: Preset, run_dir: Path, workers: int | None = None, fast: bool = True) -> list:
+    """The preset's recipe lines read by `wm`'s own parser, {run} replaced by `run_dir`; the pipeline's
+    `workers` and renderer apply to the commands that take them. A line that does not parse, or that runs
+    a pipeline itself (pipeline, iterate, export), is a `WMError` naming it."""
+    import shlex
+
+    from wmlib.cli import build_parser
+
+    parser, out = build_parser(), []
+    for j, line in enumerate(preset.recipe, 1):
+        try:
+            args = parser.parse_args(shlex.split(line.replace("{run}", str(run_dir))))
+        except SystemExit:  # argparse has printed why
+            raise WMError(f"preset {preset.name!r}, recipe line {j} is not a wm command line: {line!r}") from None
+        if args.command in ("pipeline", "iterate", "export"):
+            raise WMError(f"preset {preset.name!r}, recipe line {j}: `wm {args.command}` cannot be a recipe step")
+        if workers is not None and hasattr(args, "workers"):
+            args.workers = workers
+        if not fast and hasattr(args, "stock"):
+            args.stock = True
+        out.append(args)
+    return out
+
+
+def run_recipe(run_dir: Path, preset: Preset, stages: Stages, workers: int | None, fast: bool) -> None:
+    """Each line of `preset.recipe` as the stage "recipe_J/COMMAND", exactly as `wm` runs it (each
+    command resumes on its own too)."""
+    for j, args in enumerate(recipe_commands(preset, run_dir, workers, fast), 1):
+        stages.run(f"recipe_{j}/{args.command}", args.func, args)
 
 
 def check_seed_plan(preset: Preset) -> None:
@@ -166,35 +204,66 @@ def evolve_in_dream(agent_dir: Path, data_dir: Path, vae_id: str, out: Path, cfg
 def select_controller(stage: RunPaths, cfg, max_steps: int = 1000, workers: int | None = None,
                       fast: bool = True) -> dict:
     """Choose C by reality, not by the dream: the final search mean and the `select_candidates - 1`
-    best candidates of the last 5 generations of `stage`'s evolution (by dream return), each with the
-    stage's V and M, drive `select_episodes` real episodes on selection-range tracks; the best real
-    mean wins. Writes `stage.selected` and `stage.selection` (every candidate's scores and the real
-    frames used)."""
-    from wmlib.controller import from_flat, save_controller
-    from wmlib.evaluate import evaluate
+    best candidates of the last 5 generations of `stage`'s evolution (by dream return) (`choose_by_reality`
+    on `select_episodes` tracks from `real_seed`)."""
     from wmlib.evolve import history
-    from wmlib.mdnrnn import load_mdnrnn
 
     h = history(stage.evolve_dir)
     top, top_ret = h["top"][-5:].reshape(-1, h["top"].shape[-1]), h["top_return"][-5:].reshape(-1)
     order = np.argsort(-top_ret)[:max(cfg.select_candidates - 1, 0)]
     candidates = [("mean", h["mean"][-1], float("nan"))] + [(f"top_{j}", top[i], float(top_ret[i]))
                                                            for j, i in enumerate(order)]
+    return choose_by_reality(stage, candidates, cfg.select_episodes, cfg.real_seed, max_steps, workers, fast)
+
+
+def choose_by_reality(stage: RunPaths, candidates: list[tuple[str, np.ndarray, float]], episodes: int, seed: int,
+                      max_steps: int = 1000, workers: int | None = None, fast: bool = True) -> dict:
+    """Each candidate (name, C's flat parameters, its dream return) with `stage`'s V and M drives `episodes`
+    real episodes on selection-range tracks (env seeds `seed`..); the best real mean wins. Writes
+    `stage.selected` and `stage.selection` (every candidate's scores and the real frames used)."""
+    from wmlib.controller import from_flat, save_controller
+    from wmlib.evaluate import evaluate
+    from wmlib.mdnrnn import load_mdnrnn
+
     rows = []
     for name, x, dream in candidates:
-        r = evaluate(stage.agent_dir, cfg.select_episodes, seed=cfg.real_seed, workers=workers, max_steps=max_steps,
+        r = evaluate(stage.agent_dir, episodes, seed=seed, workers=workers, max_steps=max_steps,
                      fast=fast, controller_params=x, progress=False)
         rows.append({"name": name, "dream_return": dream, "real_mean": r["mean"], "real_std": r["std"],
                      "scores": r["scores"], "frames": r["frames"]})
         print(f"  candidate {name}: dream {dream:.1f}, real {r['mean']:.1f} +- {r['std']:.1f} "
-              f"({cfg.select_episodes} selection tracks)")
+              f"({episodes} selection tracks)", flush=True)
     best = int(np.argmax([r["real_mean"] for r in rows]))
     m, _ = load_mdnrnn(stage.agent_part("M"))
     save_controller(stage.selected, from_flat(jnp.asarray(candidates[best][1], jnp.float32), m.z_dim, m.hidden),
                     extra={"selected": rows[best]["name"]})
-    result = {"chosen": rows[best]["name"], "seed": cfg.real_seed, "episodes": cfg.select_episodes,
+    result = {"chosen": rows[best]["name"], "seed": seed, "episodes": episodes,
               "frames": sum(r["frames"] for r in rows), "candidates": rows}
     write_json(stage.selection, result)
+    return result
+
+
+def evolve_and_choose(stage: RunPaths, vae: Path, data_dir: Path, cfg, runs: int, episodes: int, seed: int,
+                      max_steps: int = 1000, workers: int | None = None, fast: bool = True) -> dict:
+    """`runs` evolutions of C in the dream of `stage`'s M (`stage.mdnrnn`, trained on `vae`'s latents),
+    evolution seeds cfg.seed, cfg.seed + 1, ..., each from zero into `stage.evolve_dir`/seed_S (resumable);
+    their final search means are chosen between by reality (`choose_by_reality`), and `stage.agent_dir`
+    gets V, M and the chosen C. The chosen evolution's log is copied to `stage.evolve_metrics`. Evolutions
+    vary a lot in a dream that cannot rank them; reality picks."""
+    from wmlib.evolve import history
+
+    check_seeds("selection", seed, episodes, f"choosing C for {stage.root}")  # before hours of evolution
+    assemble_agent(stage.agent_dir, vae, stage.mdnrnn)
+    vae_id = vae_id_of(vae)
+    candidates = []
+    for r in range(runs):
+        c = dataclasses.replace(cfg, seed=cfg.seed + r, select_candidates=0, real_every=0)
+        out = stage.evolve_dir / f"seed_{c.seed}"
+        evolve_in_dream(stage.agent_dir, data_dir, vae_id, out, c, workers=workers, fast=fast)
+        candidates.append((out.name, history(out)["mean"][-1], float("nan")))
+    result = choose_by_reality(stage, candidates, episodes, seed, max_steps, workers, fast)
+    copy_file(stage.evolve_dir / result["chosen"] / "metrics.jsonl", stage.evolve_metrics)
+    assemble_agent(stage.agent_dir, vae, stage.mdnrnn, stage.selected)
     return result
 
 
@@ -337,15 +406,23 @@ def iterate(run_dir: Path, i: int, preset: Preset, stages: Stages, workers: int 
 
 
 def real_frames(run_dir: Path) -> dict[str, int]:
-    """The real frames the method used in a run: collected data (all policies and iterations; mirror
-    images are not new frames), real checks during evolution and the selection of C; test
-    evaluations are not part of the method."""
+    """The real frames the method used in a run: collected data (all policies and iterations, and any
+    collection of the recipe; mirror images are not new frames), branches (each replay to its branch
+    point and the branch: `data.branch_steps`), real checks during evolution and the selection of C;
+    test evaluations are not part of the method."""
+    from wmlib.data import branch_steps
+
     run = RunPaths(run_dir)
-    data = sum(e["steps"] for e in read_manifest(run.data).values() if not e.get("mirrored"))
+    recipe = recipe_commands(preset_from_dict(json.loads(run.config.read_text())), run.root)
+    folders = {run.data, *(Path(a.out) for a in recipe if a.command == "collect")}
+    data = sum(e["steps"] for f in folders for e in read_manifest(f).values() if not e.get("mirrored"))
+    branch_dirs = [Path(a.out) for a in recipe if a.command == "branches" and Path(a.out).is_dir()]
+    branches = branch_steps(*branch_dirs) if branch_dirs else 0
     stages = [run, *run.iterations()]
     checks = sum(r.get("real_frames_checked", 0) for s in stages for r in read_jsonl(s.evolve_metrics))
     select = sum(json.loads(s.selection.read_text())["frames"] for s in stages if s.selection.exists())
-    return {"data": data, "evolve_checks": checks, "selection": select, "total": data + checks + select}
+    return {"data": data, "branches": branches, "evolve_checks": checks, "selection": select,
+            "total": data + branches + checks + select}
 
 
 def summary(run_dir: Path) -> tuple[list[dict], dict]:
@@ -429,6 +506,7 @@ def run_pipeline(preset: Preset, run_dir: str | os.PathLike, workers: int | None
     train_stages(run_dir, preset, stages, workers, fast)
     for i in range(1, preset.iterations + 1):
         iterate(run_dir, i, preset, stages, workers, fast)
+    run_recipe(run_dir, preset, stages, workers, fast)
     table = format_summary(*summary(run_dir))
     with atomic_write(run.summary, "w") as f:
         f.write(table + "\n")
