@@ -81,6 +81,20 @@ def test_done_freezes_the_episode():
     np.testing.assert_array_equal(obs, obs2)
 
 
+def test_a_dream_that_does_not_end_on_done_runs_to_max_steps():
+    """ends=False: the done head fires at every step, yet the dream goes on and earns M's reward each
+    step, exactly as an M whose done head never fires (the same keys, so the same latents)."""
+    firing, silent = tiny_mdnrnn(done_bias=50.0), tiny_mdnrnn(done_bias=-50.0)
+    controller = Controller(Z, H, key=jax.random.PRNGKey(3))
+    ret, traj = rollout_trajectory(jax.random.PRNGKey(4), controller, DreamParams(firing, tiny_bank(), max_steps=6,
+                                                                                  ends=False), 6)
+    want, ref = rollout_trajectory(jax.random.PRNGKey(4), controller, DreamParams(silent, tiny_bank(), max_steps=6), 6)
+    np.testing.assert_array_equal(traj.done, [False] * 5 + [True])
+    assert np.all(traj.reward != 0)
+    np.testing.assert_allclose(traj.reward, ref.reward, rtol=1e-6)
+    np.testing.assert_allclose(ret, want, rtol=1e-6)
+
+
 def test_max_steps_ends_the_episode():
     params = DreamParams(tiny_mdnrnn(done_bias=-50.0), tiny_bank(), max_steps=5)
     _, traj = rollout_trajectory(jax.random.PRNGKey(8), Controller(Z, H), params, 8)

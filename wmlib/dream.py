@@ -95,17 +95,19 @@ def make_start_bank(mus: Sequence[np.ndarray], logvars: Sequence[np.ndarray], ac
 
 class DreamParams(eqx.Module):
     """Everything a dream needs: M, the start bank, the temperature, the episode length, the start
-    mode, and the dropout rate of M per dream episode."""
+    mode, the dropout rate of M per dream episode, and whether M's done head ends it (`ends`; False: the
+    dream goes on past it, as a real episode goes on when the car leaves the road)."""
 
     mdnrnn: MDNRNN
     bank: StartBank | None
     tau: Float[Array, ""]
     dropout: Float[Array, ""]
+    ends: Bool[Array, ""]
     max_steps: int = eqx.field(static=True)
     start: str = eqx.field(static=True)
 
     def __init__(self, mdnrnn: MDNRNN, bank: StartBank | None = None, tau: float = 1.0,
-                 max_steps: int = 1000, start: str = "warm", dropout: float = 0.0):
+                 max_steps: int = 1000, start: str = "warm", dropout: float = 0.0, ends: bool = True):
         if start not in START_MODES:
             raise WMError(f"unknown dream start mode {start!r}; valid modes: {', '.join(START_MODES)}")
         if start != "zero" and bank is None:
@@ -121,6 +123,7 @@ class DreamParams(eqx.Module):
         self.mdnrnn, self.bank, self.max_steps, self.start = mdnrnn, bank, max_steps, start
         self.tau = jnp.asarray(tau, jnp.float32)  # arrays, so a new tau or dropout does not recompile
         self.dropout = jnp.asarray(dropout, jnp.float32)
+        self.ends = jnp.asarray(ends, bool)
 
 
 class DreamState(eqx.Module):
@@ -194,7 +197,7 @@ def step(key: jax.Array, state: DreamState, action: Float[Array, " action_dim"],
     """
     (h, c), out = params.mdnrnn.step((state.h, state.c), state.z, action, state.mask)
     z = sample_next_z(key, out, params.tau)
-    terminated = out.done_logit > 0.0  # sigmoid(logit) > 0.5
+    terminated = (out.done_logit > 0.0) & params.ends  # sigmoid(logit) > 0.5
     t = state.t + 1
     new = DreamState(z, h, c, t, terminated | (t >= params.max_steps), terminated, state.mask)
     new = jax.tree.map(lambda old, n: jnp.where(state.done, old, n), state, new)

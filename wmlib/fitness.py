@@ -33,7 +33,7 @@ def dream_params(mdnrnn, encoded: dict, cfg, horizon: int | None = None):
     bank = make_start_bank([e["mu"] for e in eps], [e["logvar"] for e in eps], [e["actions"] for e in eps],
                            start_ok=[road_starts(e["offroad"]) for e in eps] if cfg.road_starts else None)
     return DreamParams(mdnrnn, bank, tau=cfg.tau, max_steps=horizon or cfg.episode_len, start=cfg.start,
-                       dropout=cfg.dream_dropout)
+                       dropout=cfg.dream_dropout, ends=cfg.dream_ends)
 
 
 def dream_fitness(mdnrnn, encoded: dict, cfg):
