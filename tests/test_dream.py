@@ -14,6 +14,8 @@ import wmlib.dream as dream
 from wmlib.controller import Controller, from_flat, n_params
 from wmlib.dream import (DreamCarRacing, DreamParams, make_start_bank, population_returns, reset, rollout,
                          rollout_trajectory, step)
+from wmlib.config import EvolveConfig
+from wmlib.fitness import dream_fitness, dream_params
 from wmlib.mdnrnn import MDNRNN
 
 Z, H = 4, 8
@@ -93,6 +95,24 @@ def test_a_dream_that_does_not_end_on_done_runs_to_max_steps():
     assert np.all(traj.reward != 0)
     np.testing.assert_allclose(traj.reward, ref.reward, rtol=1e-6)
     np.testing.assert_allclose(ret, want, rtol=1e-6)
+
+
+def test_an_ensemble_scores_each_candidate_in_the_dream_of_its_worst_m():
+    rng = np.random.default_rng(0)
+    encoded = {f"e{i}.npz": {"mu": rng.normal(size=(30, Z)).astype(np.float32),
+                             "logvar": np.full((30, Z), -2.0, np.float32),
+                             "actions": rng.uniform(size=(30, 3)).astype(np.float32),
+                             "offroad": np.zeros(30, np.float32)} for i in range(2)}
+    cfg = EvolveConfig(repeats=3, episode_len=5)
+    ms = (tiny_mdnrnn(seed=0), tiny_mdnrnn(seed=5))
+    x = jnp.asarray(rng.normal(0, 0.5, (8, n_params(Z, H))), jnp.float32)
+    key = jax.random.PRNGKey(2)
+    each = [np.asarray(population_returns(key, x, dream_params(m, encoded, cfg), 3, 5)) for m in ms]
+    worst = np.argmin([e.mean(axis=1) for e in each], axis=0)
+    assert set(worst) == {0, 1}  # each M is the pessimist for some candidate
+    got = np.asarray(dream_fitness(ms[0], encoded, cfg, ms[1:])(key, x))
+    np.testing.assert_allclose(got, [each[w][p] for p, w in enumerate(worst)], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(dream_fitness(ms[0], encoded, cfg)(key, x)), each[0], rtol=1e-5)
 
 
 def test_max_steps_ends_the_episode():

@@ -135,6 +135,7 @@ class EvolveConfig:
     road_starts: bool = False    # dreams start only at on-road frames (and episode starts), like real ones
     dream_dropout: float = 0.0   # a new dropout mask on M per dream episode (Dropout's Dream Land)
     dream_ends: bool = True      # M's done head ends a dream (False: it goes on, as reality does off the road)
+    ensemble: tuple[str, ...] = ()  # more Ms (mdnrnn.eqx paths, same V): a candidate scores in its worst dream
     inputs: str = "zh"           # what C reads: "zh" (z and M's h, the full model) or "z" (V only: W_h held at 0)
     optimizer: str = "pycma"     # or "evosax"
     real_every: int = 10         # score the best on real episodes every K generations (0: never)

@@ -36,12 +36,22 @@ def dream_params(mdnrnn, encoded: dict, cfg, horizon: int | None = None):
                        dropout=cfg.dream_dropout, ends=cfg.dream_ends)
 
 
-def dream_fitness(mdnrnn, encoded: dict, cfg):
-    """CMA-ES fitness in the dream: one jitted call for the whole population."""
+def dream_fitness(mdnrnn, encoded: dict, cfg, ensemble=()):
+    """CMA-ES fitness in the dream: one jitted call for the whole population. With `ensemble` (more Ms
+    on the same V's latents), every M dreams the same starts and noise and each candidate is scored in
+    the dream of the M that gives it the lowest mean return: a pessimistic ensemble, so C cannot profit
+    from one M's mistake."""
     from wmlib.dream import population_returns
 
-    params = dream_params(mdnrnn, encoded, cfg)
-    return lambda key, x: population_returns(key, jnp.asarray(x), params, cfg.repeats, cfg.episode_len)
+    params = [dream_params(m, encoded, cfg) for m in (mdnrnn, *ensemble)]
+
+    def fitness(key, x):
+        returns = jnp.stack([population_returns(key, jnp.asarray(x), p, cfg.repeats, cfg.episode_len)
+                             for p in params])  # (M, P, repeats)
+        worst = jnp.argmin(returns.mean(axis=2), axis=0)  # (P,)
+        return returns[worst, jnp.arange(returns.shape[1])]
+
+    return fitness
 
 
 class RealFitness:

@@ -189,7 +189,14 @@ def evolve_in_dream(agent_dir: Path, data_dir: Path, vae_id: str, out: Path, cfg
     from wmlib.mdnrnn import load_mdnrnn
 
     mdnrnn, _ = load_mdnrnn(part_path(agent_dir, "M"))
-    fitness = dream_fitness(mdnrnn, load_encoded(data_dir, vae_id), cfg)
+    ensemble = []
+    for path in cfg.ensemble:  # more Ms for a pessimistic dream (`fitness.dream_fitness`)
+        m, header = load_mdnrnn(path)
+        if header["extra"].get("vae_id") != vae_id:
+            raise WMError(f"evolve.ensemble: {path} was trained on latents of V {header['extra'].get('vae_id')}, "
+                          f"not of {part_path(agent_dir, 'V')} ({vae_id})")
+        ensemble.append(m)
+    fitness = dream_fitness(mdnrnn, load_encoded(data_dir, vae_id), cfg, ensemble)
 
     def real_score(params):
         return evaluate(agent_dir, cfg.real_episodes, seed=cfg.real_seed, workers=workers, fast=fast,
