@@ -103,6 +103,15 @@ def test_branches_and_train_rnn_with_branches_bad_input(tmp_path):
     assert proc.returncode == 2 and f"branch folder {tmp_path / 'empty'} holds no branch files" in proc.stderr
 
 
+def test_select_names_a_missing_m_and_refuses_test_seeds(tmp_path):
+    proc = wm("select", "--stage", tmp_path / "s", "--vae", SHIPPED.vae, "--data", SAMPLE_DIR, check=False)
+    assert proc.returncode == 2 and f"no M at {tmp_path / 's' / 'mdnrnn' / 'mdnrnn.eqx'}" in proc.stderr
+    proc = wm("select", "--stage", tmp_path / "s", "--vae", SHIPPED.vae, "--mdnrnn", SHIPPED.mdnrnn, "--data",
+              SAMPLE_DIR, "--seed", 0, "--episodes", 4, check=False)
+    assert proc.returncode == 2 and "env seeds 0..3 are not all in the selection range" in proc.stderr
+    assert not (tmp_path / "s").exists()  # refused before evolving anything
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
 def test_collect_unwritable_folder(tmp_path):
     ro = tmp_path / "ro"

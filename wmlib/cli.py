@@ -194,12 +194,13 @@ def cmd_select(args) -> None:
     from wmlib.pipeline import evolve_and_choose
 
     stage = RunPaths(args.stage)
-    if not stage.mdnrnn.is_file():
-        raise WMError(f"--stage {args.stage}: no M at {stage.mdnrnn} (train one there first: wm train-rnn --out "
-                      f"{stage.mdnrnn_dir})")
+    mdnrnn = Path(args.mdnrnn) if args.mdnrnn else stage.mdnrnn
+    if not mdnrnn.is_file():
+        raise WMError(f"no M at {mdnrnn} (train one there first, wm train-rnn --out {stage.mdnrnn_dir}, or name one "
+                      "with --mdnrnn)")
     cfg = _preset(args).evolve
-    result = evolve_and_choose(stage, Path(args.vae), Path(args.data), cfg, args.runs, args.episodes, args.seed,
-                               max_steps=args.max_steps, workers=args.workers, fast=not args.stock)
+    result = evolve_and_choose(stage, Path(args.vae), mdnrnn, Path(args.data), cfg, args.runs, args.episodes,
+                               args.seed, max_steps=args.max_steps, workers=args.workers, fast=not args.stock)
     print(json.dumps({"chosen": result["chosen"], "agent": str(stage.agent_dir), "frames": result["frames"],
                       "real_means": {r["name"]: r["real_mean"] for r in result["candidates"]}}))
 
@@ -428,9 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("select", help="evolve C several times in M's dream and keep the one reality prefers "
                                       "(on selection-range tracks): a stage's agent")
-    p.add_argument("--stage", required=True, help="stage folder with mdnrnn/mdnrnn.eqx (e.g. RUN/iter_2); gets "
-                                                  "evolve/seed_S/ per evolution, evolve/selection.json and agent/")
+    p.add_argument("--stage", required=True, help="stage folder (e.g. RUN/iter_2): gets evolve/seed_S/ per evolution, "
+                                                  "evolve/selection.json and agent/")
     p.add_argument("--vae", required=True, help="the V whose latents M was trained on")
+    p.add_argument("--mdnrnn", default=None, help="the M to dream in (default: the stage's mdnrnn/mdnrnn.eqx)")
     p.add_argument("--data", required=True, help="encoded collection the dreams start from")
     p.add_argument("--runs", type=_positive_int, default=2, help="evolutions (seeds evolve.seed, evolve.seed+1, ...)")
     p.add_argument("--episodes", type=_positive_int, default=64, help="selection tracks per evolution's C")

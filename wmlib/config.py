@@ -192,17 +192,12 @@ RESULTS_RECIPE = (
     "--dropout 0.05 --preset results --branches {run}/iter_2/branches --set rnn.w_branch=10",
     f"select --stage {{run}}/iter_2 {_RUN} --runs 2 --episodes 64 {_CHOOSE}",
     "evaluate --agent {run}/iter_2/agent --episodes 100 --seed 0 --out {run}/iter_2/eval.json",
-    # round 2 (iter_3): that agent's own episodes branched where it drives (and fails), more recovery and
-    # weave branches, M fine-tuned on all branches; four evolutions, reality chooses
+    # round 2 (iter_3): that agent's own episodes join the data (dream starts where it drives); four C's
+    # evolved in 400-step dreams of the same M (the horizon lever), reality chooses
     "collect --policy controller --agent {run}/iter_2/agent --episodes 120 --seed 1500000 --out {run}/data --mirror",
     "encode --data {run}/data --vae {run}/vae/vae.eqx --mirror",
-    "branches --data {run}/data --out {run}/iter_3/branches_agent --drivers controller --per-episode 5 --first 60 "
-    "--last 700 --horizon 48 --seed 5",
-    "branches --data {run}/data --out {run}/iter_3/branches --per-episode 3 --horizon 48 --seed 4",
-    f"train-rnn {_RUN} --out {{run}}/iter_3/mdnrnn --init {{run}}/iter_2/mdnrnn/mdnrnn.eqx --epochs 2 "
-    "--dropout 0.05 --preset results --branches {run}/iter_2/branches {run}/iter_3/branches "
-    "{run}/iter_3/branches_agent --set rnn.w_branch=10",
-    f"select --stage {{run}}/iter_3 {_RUN} --runs 4 --episodes 64 {_CHOOSE}",
+    f"select --stage {{run}}/iter_3 {_RUN} --mdnrnn {{run}}/iter_2/mdnrnn/mdnrnn.eqx --runs 4 --episodes 64 {_CHOOSE} "
+    "--set evolve.episode_len=400",
     "evaluate --agent {run}/iter_3/agent --episodes 100 --seed 0 --out {run}/iter_3/eval.json",
 )
 
@@ -228,7 +223,7 @@ PRESETS: dict[str, Preset] = {
         evaluate=EvalConfig(episodes=100),
         iterations=3,
     ),
-    # the shipped agent: a run of 1 sim2real iteration, then branch rounds (data/pretrained/README.md)
+    # the shipped agent: a run of 1 sim2real iteration, then its recipe (data/pretrained/README.md)
     "results": Preset(
         name="results",
         collect=CollectConfig(policies=("recovery", "heuristic", "brownian"), episodes=(200, 60, 100),

@@ -250,9 +250,9 @@ def choose_by_reality(stage: RunPaths, candidates: list[tuple[str, np.ndarray, f
     return result
 
 
-def evolve_and_choose(stage: RunPaths, vae: Path, data_dir: Path, cfg, runs: int, episodes: int, seed: int,
-                      max_steps: int = 1000, workers: int | None = None, fast: bool = True) -> dict:
-    """`runs` evolutions of C in the dream of `stage`'s M (`stage.mdnrnn`, trained on `vae`'s latents),
+def evolve_and_choose(stage: RunPaths, vae: Path, mdnrnn: Path, data_dir: Path, cfg, runs: int, episodes: int,
+                      seed: int, max_steps: int = 1000, workers: int | None = None, fast: bool = True) -> dict:
+    """`runs` evolutions of C in the dream of M (`mdnrnn`, e.g. `stage.mdnrnn`, trained on `vae`'s latents),
     evolution seeds cfg.seed, cfg.seed + 1, ..., each from zero into `stage.evolve_dir`/seed_S (resumable);
     their final search means are chosen between by reality (`choose_by_reality`), and `stage.agent_dir`
     gets V, M and the chosen C. The chosen evolution's log is copied to `stage.evolve_metrics`. Evolutions
@@ -260,7 +260,7 @@ def evolve_and_choose(stage: RunPaths, vae: Path, data_dir: Path, cfg, runs: int
     from wmlib.evolve import history
 
     check_seeds("selection", seed, episodes, f"choosing C for {stage.root}")  # before hours of evolution
-    assemble_agent(stage.agent_dir, vae, stage.mdnrnn)
+    assemble_agent(stage.agent_dir, vae, mdnrnn)
     vae_id = vae_id_of(vae)
     candidates = []
     for r in range(runs):
@@ -270,7 +270,7 @@ def evolve_and_choose(stage: RunPaths, vae: Path, data_dir: Path, cfg, runs: int
         candidates.append((out.name, history(out)["mean"][-1], float("nan")))
     result = choose_by_reality(stage, candidates, episodes, seed, max_steps, workers, fast)
     copy_file(stage.evolve_dir / result["chosen"] / "metrics.jsonl", stage.evolve_metrics)
-    assemble_agent(stage.agent_dir, vae, stage.mdnrnn, stage.selected)
+    assemble_agent(stage.agent_dir, vae, mdnrnn, stage.selected)
     return result
 
 
