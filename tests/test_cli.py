@@ -190,7 +190,7 @@ def test_pipeline_smoke_runs_every_stage_and_resumes(tmp_path):
     assert {"select", "iter_1/select"} <= set(stages)
     frames = real_frames(tmp_path)
     assert (frames["data"], frames["selection"], frames["total"]) == (8 * 60, 4 * 60, 12 * 60)
-    assert f"used by the method in all (data, real checks, selection of C): {12 * 60}" in proc.stdout
+    assert f"used by the method in all (data, branches, real checks, selection of C): {12 * 60}" in proc.stdout
     again = wm("pipeline", "--preset", "smoke", "--run", tmp_path, "--workers", 2)
     assert "done earlier" in again.stdout  # resumed: every stage skipped
     # `wm export` lays the final agent out exactly as the shipped one is: the last iteration's agent

@@ -462,7 +462,7 @@ def format_summary(rows: list[dict], stages: dict) -> str:
                      f"      {r['dream_best']:8.1f}")
     if rows:
         lines.append(f"real frames collected for training: {rows[-1]['data_frames_total']}; used by the method in "
-                     f"all (data, real checks, selection of C): {rows[-1]['real_frames_total']}")
+                     f"all (data, branches, real checks, selection of C): {rows[-1]['real_frames_total']}")
     if rows and "spearman" in rows[-1]:
         by_horizon = sorted(rows[-1]["spearman"].items(), key=lambda kv: int(kv[0]))
         lines.append("dream fidelity of the last evolution, Spearman(dream, real) by dream horizon: " +
