@@ -216,10 +216,11 @@ def evolve(fitness: Callable[[jax.Array, np.ndarray], np.ndarray], n_params: int
         return out
 
     es = make_optimizer(cfg.optimizer, x0[free], cfg.sigma0, cfg.popsize, cfg.seed)  # checks the settings first
-    settings = {**dataclasses.asdict(cfg), "x0_sha256": hashlib.sha256(x0.tobytes()).hexdigest()[:16]}
+    as_json = lambda d: json.loads(json.dumps(d))  # noqa: E731  (as stored: tuples become lists)
+    settings = as_json({**dataclasses.asdict(cfg), "x0_sha256": hashlib.sha256(x0.tobytes()).hexdigest()[:16]})
     if (run_dir / CONFIG_FILE).exists():
         before = json.loads((run_dir / CONFIG_FILE).read_text())
-        before = {**dataclasses.asdict(EvolveConfig()), **before}  # a setting added since: its default
+        before = {**as_json(dataclasses.asdict(EvolveConfig())), **before}  # a setting added since: its default
         changed = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in settings.items()
                    if k not in EXTENDABLE and before.get(k) != v]
         if changed:
