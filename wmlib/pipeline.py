@@ -420,7 +420,8 @@ def real_frames(run_dir: Path) -> dict[str, int]:
     from wmlib.data import branch_steps
 
     run = RunPaths(run_dir)
-    recipe = recipe_commands(preset_from_dict(json.loads(run.config.read_text())), run.root)
+    recipe = recipe_commands(preset_from_dict(json.loads(run.config.read_text())), run.root) if run.config.exists() \
+        else []  # a folder laid out as a run without its settings (a lesson's loop): no recipe
     folders = {run.data, *(Path(a.out) for a in recipe if a.command == "collect")}
     data = sum(e["steps"] for f in folders for e in read_manifest(f).values() if not e.get("mirrored"))
     branch_dirs = [Path(a.out) for a in recipe if a.command == "branches" and Path(a.out).is_dir()]
