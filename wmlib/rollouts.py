@@ -354,8 +354,10 @@ def _branch_one(source: str, points: list[tuple[int, list[float], bool]], horizo
             if t0 + horizon > len(ep):  # the recording ends before the branch would
                 continue
             obs, _ = env.reset(seed=ep.seed)
-            env.unwrapped.skip_pixels = fast  # only the last replayed step's frame is looked at
-            for a in ep.actions[:t0 - 1]:
+            for i, a in enumerate(ep.actions[:t0 - 1]):
+                # only the last replayed step's frame is looked at (and the first's: gymnasium's env checker
+                # inspects an env's first step)
+                env.unwrapped.skip_pixels = fast and i > 0
                 env.step(a)
             env.unwrapped.skip_pixels = False
             if t0 > 0:
