@@ -14,7 +14,7 @@ from wmlib.config import PRETRAINED_DIR, SAMPLE_DIR
 from wmlib.data import episode_files, load_branches, load_episode
 from wmlib.evolve import history
 from wmlib.paths import PARTS, SHIPPED, RunPaths
-from wmlib.pipeline import real_frames
+from wmlib.pipeline import digest, real_frames
 
 ENV = {**os.environ, "WM_PRESET": "smoke"}
 pytestmark = pytest.mark.slow  # each test starts `wm` (and JAX) in subprocesses: left out of the quick unit run
@@ -210,7 +210,7 @@ def test_pipeline_smoke_runs_every_stage_and_resumes(tmp_path):
         "train-rnn --data {run}/data --vae {run}/vae/vae.eqx --out {run}/iter_2/mdnrnn --init "
         "{run}/iter_1/agent/mdnrnn.eqx --epochs 1 --preset smoke --branches {run}/iter_2/branches",
         "select --stage {run}/iter_2 --vae {run}/vae/vae.eqx --data {run}/data --runs 2 --episodes 1 --max-steps 60 "
-        "--preset smoke",
+        "--pool 1 --preset smoke",
         "evaluate --agent {run}/iter_2/agent --episodes 2 --max-steps 60 --out {run}/iter_2/eval.json"))
     proc = wm("pipeline", "--preset", "smoke", "--run", tmp_path, "--workers", 2, "--set", f"recipe={recipe}")
     assert "done earlier" in proc.stdout and "iter_2" in proc.stdout
@@ -218,15 +218,21 @@ def test_pipeline_smoke_runs_every_stage_and_resumes(tmp_path):
     assert {"recipe_1/branches", "recipe_2/train-rnn", "recipe_3/select", "recipe_4/evaluate"} <= set(stages)
     it = RunPaths(tmp_path).iteration(2)
     selection = json.loads(it.selection.read_text())
-    assert [c["name"] for c in selection["candidates"]] == ["seed_0", "seed_1"] and selection["frames"] == 2 * 60
-    assert it.evolve_metrics.read_text() == (it.evolve_dir / selection["chosen"] / "metrics.jsonl").read_text()
+    # the two final search means and the dream's pick of the earlier ones (2 generations: one mean each)
+    names = [c["name"] for c in selection["candidates"]]
+    assert names[:2] == ["seed_0", "seed_1"] and names[2] in ("seed_0/gen_1", "seed_1/gen_1")
+    assert selection["frames"] == 3 * 60 and all(np.isfinite(c["dream_return"]) for c in selection["candidates"])
+    pooled = history(it.evolve_dir / names[2].split("/")[0])["mean"][0]
+    assert selection["candidates"][2]["controller_sha256"] == digest(np.asarray(pooled, np.float32).tobytes())
+    chosen_run = selection["chosen"].split("/")[0]
+    assert it.evolve_metrics.read_text() == (it.evolve_dir / chosen_run / "metrics.jsonl").read_text()
     assert it.agent_part("C").read_bytes() == it.selected.read_bytes()
     assert it.agent_part("M").read_bytes() == it.mdnrnn.read_bytes()
     branches = load_branches(it.root / "branches")
     assert len(branches) == 2  # iter_1's two controller episodes, one branch each
     frames = real_frames(tmp_path)
     assert frames["branches"] == sum(int(b["t0"][0]) + 8 for b in branches.values())
-    assert frames["selection"] == 4 * 60 + 2 * 60 and frames["total"] == 12 * 60 + 2 * 60 + frames["branches"]
+    assert frames["selection"] == 4 * 60 + 3 * 60 and frames["total"] == 12 * 60 + 3 * 60 + frames["branches"]
     assert json.loads(it.eval.read_text())["episodes"] == 2
     assert RunPaths(tmp_path).final().root == it.root
     proc = wm("pipeline", "--preset", "tiny", "--run", tmp_path, check=False)

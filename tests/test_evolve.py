@@ -1,6 +1,7 @@
 """CMA-ES driver: sign convention, resume-equals-uninterrupted, bad input."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -131,3 +132,47 @@ def test_a_search_over_some_parameters_leaves_the_others_at_x0(tmp_path):
     assert result.best_return > start + 0.5 * np.sum(TARGET[free] ** 2)  # the free part moved to its target
     with pytest.raises(WMError, match="free must mark"):
         evolve(toy_fitness, N, cfg(), tmp_path / "none", progress=False, free=np.zeros(N, bool))
+
+
+def test_choice_by_reality_resumes_and_redrives_only_what_changed(tmp_path, monkeypatch):
+    """`choose_by_reality` writes its table after every candidate; a rerun keeps the rows of the same
+    controller on the same V, M and tracks, and drives again what changed or never finished."""
+    import wmlib.evaluate
+    from wmlib.mdnrnn import load_mdnrnn
+    from wmlib.paths import SHIPPED, RunPaths
+    from wmlib.pipeline import assemble_agent, choose_by_reality
+
+    stage = RunPaths(tmp_path / "stage")
+    assemble_agent(stage.agent_dir, SHIPPED.agent_part("V"), SHIPPED.agent_part("M"))
+    m, _ = load_mdnrnn(SHIPPED.agent_part("M"))
+    n = n_params(m.z_dim, m.hidden)
+    driven: list[float] = []
+    crash_at: list[int | None] = [None]
+
+    def fake_evaluate(agent_dir, episodes, seed=0, controller_params=None, **kw):  # a real mean = sum of C
+        if len(driven) == crash_at[0]:
+            raise KeyboardInterrupt
+        driven.append(float(np.sum(controller_params)))
+        return {"mean": driven[-1], "std": 0.0, "scores": [driven[-1]] * episodes, "frames": 7 * episodes}
+
+    monkeypatch.setattr(wmlib.evaluate, "evaluate", fake_evaluate)
+    a, b = np.zeros(n), np.full(n, 1e-3)
+    first = choose_by_reality(stage, [("a", a, 1.0), ("b", b, 2.0)], 3, 100000)
+    assert first["chosen"] == "b" and len(driven) == 2 and first["frames"] == 2 * 3 * 7
+    assert np.array_equal(np.asarray(to_flat(load_controller(stage.selected)[0])), b.astype(np.float32))
+    assert choose_by_reality(stage, [("a", a, 1.0), ("b", b, 2.0)], 3, 100000) == first and len(driven) == 2
+    c = np.full(n, -1e-3)
+    third = choose_by_reality(stage, [("a", a, 1.0), ("b", c, 2.0)], 3, 100000)  # b's parameters changed
+    assert driven[2:] == [pytest.approx(-1e-3 * n)] and third["chosen"] == "a"
+    choose_by_reality(stage, [("a", a, 1.0)], 3, 100001)  # other tracks: driven again
+    assert len(driven) == 4
+    # interrupted after the first candidate: the table holds it (frames counted), the choice is not made
+    driven[:], crash_at[0] = [], 1
+    with pytest.raises(KeyboardInterrupt):
+        choose_by_reality(stage, [("a", a, 1.0), ("b", b, 2.0)], 3, 100002)
+    partial = json.loads(stage.selection.read_text())
+    assert partial["chosen"] is None and [r["name"] for r in partial["candidates"]] == ["a"]
+    assert partial["frames"] == 3 * 7
+    crash_at[0] = None
+    resumed = choose_by_reality(stage, [("a", a, 1.0), ("b", b, 2.0)], 3, 100002)
+    assert len(driven) == 2 and resumed["chosen"] == "b" and resumed["frames"] == 2 * 3 * 7

@@ -200,7 +200,8 @@ def cmd_select(args) -> None:
                       "with --mdnrnn)")
     cfg = _preset(args).evolve
     result = evolve_and_choose(stage, Path(args.vae), mdnrnn, Path(args.data), cfg, args.runs, args.episodes,
-                               args.seed, max_steps=args.max_steps, workers=args.workers, fast=not args.stock)
+                               args.seed, max_steps=args.max_steps, workers=args.workers, fast=not args.stock,
+                               pool=args.pool)
     print(json.dumps({"chosen": result["chosen"], "agent": str(stage.agent_dir), "frames": result["frames"],
                       "real_means": {r["name"]: r["real_mean"] for r in result["candidates"]}}))
 
@@ -435,7 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mdnrnn", default=None, help="the M to dream in (default: the stage's mdnrnn/mdnrnn.eqx)")
     p.add_argument("--data", required=True, help="encoded collection the dreams start from")
     p.add_argument("--runs", type=_positive_int, default=2, help="evolutions (seeds evolve.seed, evolve.seed+1, ...)")
-    p.add_argument("--episodes", type=_positive_int, default=64, help="selection tracks per evolution's C")
+    p.add_argument("--episodes", type=_positive_int, default=64, help="selection tracks per candidate C")
+    p.add_argument("--pool", type=int, default=0,
+                   help="also the dream's POOL best earlier search means of the evolutions (every generation "
+                        "scored in 256 dreams) as candidates (default 0: the final means only)")
     p.add_argument("--seed", type=int, default=SELECTION_SEED,
                    help=f"episode i runs on env seed SEED+i (default {SELECTION_SEED}: the selection range)")
     p.add_argument("--max-steps", type=_positive_int, default=1000)

@@ -119,11 +119,19 @@ class Stages:
         return result
 
 
-def vae_id_of(path: str | os.PathLike) -> str:
-    """A V's identity for its encodings: 12 hex digits of its checkpoint's hash."""
+def digest(*parts: bytes) -> str:
+    """16 hex digits of the SHA-256 of `parts` one after another: an identity for files and parameters."""
     import hashlib
 
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part)
+    return h.hexdigest()[:16]
+
+
+def vae_id_of(path: str | os.PathLike) -> str:
+    """A V's identity for its encodings: 12 hex digits of its checkpoint's hash."""
+    return digest(Path(path).read_bytes())[:12]
 
 
 def matching_vae(mdnrnn_path: str | os.PathLike, *candidates: Path) -> Path:
@@ -227,49 +235,92 @@ def choose_by_reality(stage: RunPaths, candidates: list[tuple[str, np.ndarray, f
                       max_steps: int = 1000, workers: int | None = None, fast: bool = True) -> dict:
     """Each candidate (name, C's flat parameters, its dream return) with `stage`'s V and M drives `episodes`
     real episodes on selection-range tracks (env seeds `seed`..); the best real mean wins. Writes
-    `stage.selected` and `stage.selection` (every candidate's scores and the real frames used)."""
+    `stage.selected` and `stage.selection` (every candidate's scores and the real frames used).
+
+    Resumable: `stage.selection` is rewritten after every candidate ("chosen" null until the choice), and
+    a rerun keeps the rows of candidates with the same name and parameters, driven by the same V and M
+    on the same tracks (`agent_sha256`, `controller_sha256`, seed, episodes, max_steps)."""
     from wmlib.controller import from_flat, save_controller
     from wmlib.evaluate import evaluate
     from wmlib.mdnrnn import load_mdnrnn
 
-    rows = []
+    agent = digest(stage.agent_part("V").read_bytes(), stage.agent_part("M").read_bytes())
+    setting = {"seed": seed, "episodes": episodes, "max_steps": max_steps, "agent_sha256": agent}
+    before = json.loads(stage.selection.read_text()) if stage.selection.exists() else {}
+    kept = ({r["name"]: r for r in before["candidates"] if "controller_sha256" in r}
+            if all(before.get(k) == v for k, v in setting.items()) else {})
+    rows: list[dict] = []
     for name, x, dream in candidates:
-        r = evaluate(stage.agent_dir, episodes, seed=seed, workers=workers, max_steps=max_steps,
-                     fast=fast, controller_params=x, progress=False)
-        rows.append({"name": name, "dream_return": dream, "real_mean": r["mean"], "real_std": r["std"],
-                     "scores": r["scores"], "frames": r["frames"]})
-        print(f"  candidate {name}: dream {dream:.1f}, real {r['mean']:.1f} +- {r['std']:.1f} "
+        key = digest(np.asarray(x, np.float32).tobytes())
+        row = kept.get(name)
+        if row is None or row["controller_sha256"] != key:
+            r = evaluate(stage.agent_dir, episodes, seed=seed, workers=workers, max_steps=max_steps,
+                         fast=fast, controller_params=x, progress=False)
+            row = {"name": name, "controller_sha256": key, "dream_return": dream, "real_mean": r["mean"],
+                   "real_std": r["std"], "scores": r["scores"], "frames": r["frames"]}
+        rows.append(row)
+        write_json(stage.selection, {"chosen": None, **setting, "frames": sum(r["frames"] for r in rows),
+                                     "candidates": rows})
+        print(f"  candidate {name}: dream {dream:.1f}, real {row['real_mean']:.1f} +- {row['real_std']:.1f} "
               f"({episodes} selection tracks)", flush=True)
     best = int(np.argmax([r["real_mean"] for r in rows]))
     m, _ = load_mdnrnn(stage.agent_part("M"))
     save_controller(stage.selected, from_flat(jnp.asarray(candidates[best][1], jnp.float32), m.z_dim, m.hidden),
                     extra={"selected": rows[best]["name"]})
-    result = {"chosen": rows[best]["name"], "seed": seed, "episodes": episodes,
-              "frames": sum(r["frames"] for r in rows), "candidates": rows}
+    result = {"chosen": rows[best]["name"], **setting, "frames": sum(r["frames"] for r in rows), "candidates": rows}
     write_json(stage.selection, result)
     return result
 
 
+def dream_pool(mdnrnn: Path, data_dir: Path, vae_id: str, cfg, evolutions: list[Path], count: int,
+               dreams: int = 256) -> tuple[np.ndarray, list[tuple[str, np.ndarray, float]]]:
+    """Every generation's search mean of `evolutions` scored in `dreams` dreams of M (`cfg`'s dream, its
+    `episode_len`; the same dreams for all: common random numbers). Returns the final means' dream returns
+    (one per evolution) and the `count` other means the dream rates best, as candidates for
+    `choose_by_reality`: ("seed_S/gen_G", C's flat parameters, dream return). A 400-step dream ranks the
+    means of its own evolution like reality (Spearman 0.73), but an evolution's last mean is not always
+    its best."""
+    from wmlib.evolve import history
+    from wmlib.fidelity import dream_scores
+    from wmlib.fitness import dream_params
+    from wmlib.mdnrnn import load_mdnrnn
+
+    means = [history(e)["mean"] for e in evolutions]
+    params = dream_params(load_mdnrnn(mdnrnn)[0], load_encoded(data_dir, vae_id), cfg)
+    scores = dream_scores(params, np.concatenate(means), horizons=(cfg.episode_len,), rollouts=dreams,
+                          progress=False)[:, 0]
+    named, finals, at = [], [], 0
+    for e, m in zip(evolutions, means):
+        finals.append(float(scores[at + len(m) - 1]))
+        named += [(f"{e.name}/gen_{g + 1}", m[g], float(scores[at + g])) for g in range(len(m) - 1)]
+        at += len(m)
+    return np.asarray(finals), sorted(named, key=lambda c: -c[2])[:count]
+
+
 def evolve_and_choose(stage: RunPaths, vae: Path, mdnrnn: Path, data_dir: Path, cfg, runs: int, episodes: int,
-                      seed: int, max_steps: int = 1000, workers: int | None = None, fast: bool = True) -> dict:
+                      seed: int, max_steps: int = 1000, workers: int | None = None, fast: bool = True,
+                      pool: int = 0, pool_dreams: int = 256) -> dict:
     """`runs` evolutions of C in the dream of M (`mdnrnn`, e.g. `stage.mdnrnn`, trained on `vae`'s latents),
     evolution seeds cfg.seed, cfg.seed + 1, ..., each from zero into `stage.evolve_dir`/seed_S (resumable);
-    their final search means are chosen between by reality (`choose_by_reality`), and `stage.agent_dir`
-    gets V, M and the chosen C. The chosen evolution's log is copied to `stage.evolve_metrics`. Evolutions
-    vary a lot in a dream that cannot rank them; reality picks."""
+    their final search means, and with `pool` the dream's `pool` best earlier search means of any of them
+    (`dream_pool`, `pool_dreams` dreams each), are chosen between by reality (`choose_by_reality`), and
+    `stage.agent_dir` gets V, M and the chosen C. The chosen evolution's log is copied to
+    `stage.evolve_metrics`. Evolutions vary a lot in the dream; reality picks."""
     from wmlib.evolve import history
 
     check_seeds("selection", seed, episodes, f"choosing C for {stage.root}")  # before hours of evolution
     assemble_agent(stage.agent_dir, vae, mdnrnn)
     vae_id = vae_id_of(vae)
-    candidates = []
+    evolutions = []
     for r in range(runs):
         c = dataclasses.replace(cfg, seed=cfg.seed + r, select_candidates=0, real_every=0)
-        out = stage.evolve_dir / f"seed_{c.seed}"
-        evolve_in_dream(stage.agent_dir, data_dir, vae_id, out, c, workers=workers, fast=fast)
-        candidates.append((out.name, history(out)["mean"][-1], float("nan")))
+        evolutions.append(stage.evolve_dir / f"seed_{c.seed}")
+        evolve_in_dream(stage.agent_dir, data_dir, vae_id, evolutions[-1], c, workers=workers, fast=fast)
+    finals, earlier = (dream_pool(mdnrnn, data_dir, vae_id, cfg, evolutions, pool, pool_dreams) if pool
+                       else (np.full(runs, np.nan), []))
+    candidates = [(e.name, history(e)["mean"][-1], float(d)) for e, d in zip(evolutions, finals)] + earlier
     result = choose_by_reality(stage, candidates, episodes, seed, max_steps, workers, fast)
-    copy_file(stage.evolve_dir / result["chosen"] / "metrics.jsonl", stage.evolve_metrics)
+    copy_file(stage.evolve_dir / result["chosen"].split("/")[0] / "metrics.jsonl", stage.evolve_metrics)
     assemble_agent(stage.agent_dir, vae, mdnrnn, stage.selected)
     return result
 
