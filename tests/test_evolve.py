@@ -161,6 +161,8 @@ def test_choice_by_reality_resumes_and_redrives_only_what_changed(tmp_path, monk
     assert first["chosen"] == "b" and len(driven) == 2 and first["frames"] == 2 * 3 * 7
     assert np.array_equal(np.asarray(to_flat(load_controller(stage.selected)[0])), b.astype(np.float32))
     assert choose_by_reality(stage, [("a", a, 1.0), ("b", b, 2.0)], 3, 100000) == first and len(driven) == 2
+    rescored = choose_by_reality(stage, [("a", a, 5.0), ("b", b, 2.0)], 3, 100000)  # the dream's score is no drive
+    assert len(driven) == 2 and rescored["candidates"][0]["dream_return"] == 5.0
     c = np.full(n, -1e-3)
     third = choose_by_reality(stage, [("a", a, 1.0), ("b", c, 2.0)], 3, 100000)  # b's parameters changed
     assert driven[2:] == [pytest.approx(-1e-3 * n)] and third["chosen"] == "a"

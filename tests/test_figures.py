@@ -85,3 +85,11 @@ def test_score_histogram_counts_every_episode_and_names_the_seeds():
     ax = fig.axes[0]
     assert ax.get_title() == "3 episodes (env seeds 5..7): 2.0 +- 0.8"
     assert sum(patch.get_height() for patch in ax.patches) == 3
+
+
+def test_selection_figure_needs_dream_returns():
+    row = {"name": "seed_0", "dream_return": float("nan"), "real_mean": 1.0, "real_std": 0.0, "scores": [1.0]}
+    with pytest.raises(ValueError, match="no candidate has a dream return"):
+        figures.selection({"chosen": "seed_0", "episodes": 1, "candidates": [row]})
+    fig = figures.selection({"chosen": "seed_0", "episodes": 1, "candidates": [{**row, "dream_return": 2.0}]})
+    assert [t.get_text() for t in fig.axes[0].texts] == ["seed_0"]  # each candidate named beside its dot

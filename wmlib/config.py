@@ -192,12 +192,13 @@ RESULTS_RECIPE = (
     "--dropout 0.05 --preset results --branches {run}/iter_2/branches --set rnn.w_branch=10",
     f"select --stage {{run}}/iter_2 {_RUN} --runs 2 --episodes 64 {_CHOOSE}",
     "evaluate --agent {run}/iter_2/agent --episodes 100 --seed 0 --out {run}/iter_2/eval.json",
-    # round 2 (iter_3): that agent's own episodes join the data (dream starts where it drives); four C's
-    # evolved in 400-step dreams of the same M (the horizon lever), reality chooses
+    # round 2 (iter_3): that agent's own episodes join the data (dream starts where it drives); eight C's
+    # evolved in 400-step dreams of the same M (the horizon lever), and the dream's 8 best earlier search
+    # means of those evolutions (the pool): reality chooses among the 16
     "collect --policy controller --agent {run}/iter_2/agent --episodes 120 --seed 1500000 --out {run}/data --mirror",
     "encode --data {run}/data --vae {run}/vae/vae.eqx --mirror",
-    f"select --stage {{run}}/iter_3 {_RUN} --mdnrnn {{run}}/iter_2/mdnrnn/mdnrnn.eqx --runs 4 --episodes 64 {_CHOOSE} "
-    "--set evolve.episode_len=400",
+    f"select --stage {{run}}/iter_3 {_RUN} --mdnrnn {{run}}/iter_2/mdnrnn/mdnrnn.eqx --runs 8 --pool 8 --episodes 64 "
+    f"{_CHOOSE} --set evolve.episode_len=400",
     "evaluate --agent {run}/iter_3/agent --episodes 100 --seed 0 --out {run}/iter_3/eval.json",
 )
 

@@ -30,6 +30,7 @@ FIGURES = {
     "04_dream_rollout.png": "the shipped controller driving in the dream",
     "04_temperature_table.png": "C evolved at each temperature: dream vs real score",
     "04_inputs_table.png": "C on z alone (V only) vs on z and h (V and M), evolved in the dream: dream vs real",
+    "04_selection.png": "the candidates for C: dream return vs real score on selection tracks; reality picks",
     "05_scores.png": "the shipped agent's real scores over 100 episodes",
     "05_worst_moment.png": "real / V / M around the worst moment of a real episode",
     "05_reward_prediction.png": "real reward and done vs M's predictions along a real episode",
@@ -226,6 +227,29 @@ def sweep_table(sweep: dict):
     return fig
 
 
+def selection(result: dict):
+    """A choice by reality (`pipeline.choose_by_reality`, selection.json): each candidate C's dream return
+    against its mean real score on the selection tracks (+- its standard error), the chosen one ringed."""
+    plt = _plt()
+    rows = [r for r in result["candidates"] if np.isfinite(r["dream_return"])]
+    if not rows:
+        raise ValueError("selection: no candidate has a dream return (chosen without `wm select --pool`?)")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.errorbar([r["dream_return"] for r in rows], [r["real_mean"] for r in rows],
+                [r["real_std"] / np.sqrt(len(r["scores"])) for r in rows], fmt="o", label="a candidate C")
+    for r in rows:
+        ax.annotate(r["name"], (r["dream_return"], r["real_mean"]), fontsize=6, xytext=(3, 3),
+                    textcoords="offset points")
+        if r["name"] == result["chosen"]:
+            ax.scatter([r["dream_return"]], [r["real_mean"]], s=200, facecolors="none", edgecolors="k",
+                       label="chosen by reality")
+    ax.set_xlabel("dream return (mean over the dreams it was scored in)")
+    ax.set_ylabel(f"real, {result['episodes']} selection tracks (mean +- s.e.)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def score_histogram(result: dict, title: str = ""):
     """An evaluation result (`evaluate` / eval.json) -> histogram of its real episode scores."""
     plt = _plt()
@@ -294,11 +318,11 @@ def render_all(out_dir: str | os.PathLike, run_dir: str | os.PathLike, data_dir:
 
     out, run, data_dir = Path(out_dir), RunPaths(run_dir), Path(data_dir)
     sweeps = {setting: run.root / sweep_file(setting) for setting in ("tau", "inputs")}
-    for path in (run.vae_metrics, run.mdnrnn_metrics, run.evolve_metrics, run.eval, *sweeps.values()):
+    for path in (run.vae_metrics, run.mdnrnn_metrics, run.evolve_metrics, run.selection, run.eval, *sweeps.values()):
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: the run folder must be laid out like data/pretrained "
-                                    "(agent/, the metrics.jsonl of vae/, mdnrnn/ and evolve/, eval.json, "
-                                    "tau_sweep.json and inputs_sweep.json)")
+                                    "(agent/, the metrics.jsonl of vae/, mdnrnn/ and evolve/, evolve/selection.json, "
+                                    "eval.json, tau_sweep.json and inputs_sweep.json)")
     files = episode_files(data_dir)
     if not files:
         raise FileNotFoundError(f"no episodes (*.npz) in {data_dir}: the data must be a collection like data/sample")
@@ -351,6 +375,7 @@ def render_all(out_dir: str | os.PathLike, run_dir: str | os.PathLike, data_dir:
 
     put("04_temperature_table.png", sweep_table(json.loads(sweeps["tau"].read_text())))
     put("04_inputs_table.png", sweep_table(json.loads(sweeps["inputs"].read_text())))
+    put("04_selection.png", selection(json.loads(run.selection.read_text())))
 
     put("05_scores.png", score_histogram(json.loads(run.eval.read_text())))
     real = run_episode(EpisodeSpec("controller", seed, 1000, True, {"agent": str(run.agent_dir)}))

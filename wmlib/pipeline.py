@@ -256,8 +256,9 @@ def choose_by_reality(stage: RunPaths, candidates: list[tuple[str, np.ndarray, f
         if row is None or row["controller_sha256"] != key:
             r = evaluate(stage.agent_dir, episodes, seed=seed, workers=workers, max_steps=max_steps,
                          fast=fast, controller_params=x, progress=False)
-            row = {"name": name, "controller_sha256": key, "dream_return": dream, "real_mean": r["mean"],
-                   "real_std": r["std"], "scores": r["scores"], "frames": r["frames"]}
+            row = {"name": name, "controller_sha256": key, "real_mean": r["mean"], "real_std": r["std"],
+                   "scores": r["scores"], "frames": r["frames"]}
+        row = {**row, "dream_return": dream}  # a kept row takes the dream's latest score
         rows.append(row)
         write_json(stage.selection, {"chosen": None, **setting, "frames": sum(r["frames"] for r in rows),
                                      "candidates": rows})
