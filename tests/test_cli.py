@@ -110,6 +110,9 @@ def test_select_names_a_missing_m_and_refuses_test_seeds(tmp_path):
               SAMPLE_DIR, "--seed", 0, "--episodes", 4, check=False)
     assert proc.returncode == 2 and "env seeds 0..3 are not all in the selection range" in proc.stderr
     assert not (tmp_path / "s").exists()  # refused before evolving anything
+    proc = wm("select", "--stage", tmp_path / "s", "--vae", SHIPPED.vae, "--data", SAMPLE_DIR, "--pool", -1,
+              check=False)
+    assert proc.returncode == 2 and "--pool: expected a non-negative integer, got -1" in proc.stderr
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")

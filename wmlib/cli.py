@@ -29,14 +29,21 @@ from pathlib import Path
 from wmlib.errors import WMError
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _int_from(low: int, what: str):
+    """An argparse type: an integer >= `low` (`what` names it in the error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected a {what} integer, got {value}")
+        return value
+    return parse
+
+
+_positive_int = _int_from(1, "positive")
+_count = _int_from(0, "non-negative")
 
 
 def cmd_collect(args) -> None:
@@ -437,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="encoded collection the dreams start from")
     p.add_argument("--runs", type=_positive_int, default=2, help="evolutions (seeds evolve.seed, evolve.seed+1, ...)")
     p.add_argument("--episodes", type=_positive_int, default=64, help="selection tracks per candidate C")
-    p.add_argument("--pool", type=int, default=0,
+    p.add_argument("--pool", type=_count, default=0,
                    help="also the dream's POOL best earlier search means of the evolutions (every generation "
                         "scored in 256 dreams) as candidates (default 0: the final means only)")
     p.add_argument("--seed", type=int, default=SELECTION_SEED,
