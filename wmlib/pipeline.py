@@ -300,11 +300,11 @@ def dream_pool(mdnrnn: Path, data_dir: Path, vae_id: str, cfg, evolutions: list[
 
 def evolve_and_choose(stage: RunPaths, vae: Path, mdnrnn: Path, data_dir: Path, cfg, runs: int, episodes: int,
                       seed: int, max_steps: int = 1000, workers: int | None = None, fast: bool = True,
-                      pool: int = 0, pool_dreams: int = 256) -> dict:
+                      pool: int = 0) -> dict:
     """`runs` evolutions of C in the dream of M (`mdnrnn`, e.g. `stage.mdnrnn`, trained on `vae`'s latents),
     evolution seeds cfg.seed, cfg.seed + 1, ..., each from zero into `stage.evolve_dir`/seed_S (resumable);
     their final search means, and with `pool` the dream's `pool` best earlier search means of any of them
-    (`dream_pool`, `pool_dreams` dreams each), are chosen between by reality (`choose_by_reality`), and
+    (`dream_pool`, 256 dreams each), are chosen between by reality (`choose_by_reality`), and
     `stage.agent_dir` gets V, M and the chosen C. The chosen evolution's log is copied to
     `stage.evolve_metrics`. Evolutions vary a lot in the dream; reality picks."""
     from wmlib.evolve import history
@@ -317,7 +317,7 @@ def evolve_and_choose(stage: RunPaths, vae: Path, mdnrnn: Path, data_dir: Path, 
         c = dataclasses.replace(cfg, seed=cfg.seed + r, select_candidates=0, real_every=0)
         evolutions.append(stage.evolve_dir / f"seed_{c.seed}")
         evolve_in_dream(stage.agent_dir, data_dir, vae_id, evolutions[-1], c, workers=workers, fast=fast)
-    finals, earlier = (dream_pool(mdnrnn, data_dir, vae_id, cfg, evolutions, pool, pool_dreams) if pool
+    finals, earlier = (dream_pool(mdnrnn, data_dir, vae_id, cfg, evolutions, pool) if pool
                        else (np.full(runs, np.nan), []))
     candidates = [(e.name, history(e)["mean"][-1], float(d)) for e, d in zip(evolutions, finals)] + earlier
     result = choose_by_reality(stage, candidates, episodes, seed, max_steps, workers, fast)
