@@ -181,7 +181,7 @@ def test_dream_sweep_writes_the_table_and_resumes(tmp_path):
     assert "no setting 'temp'" in wm(*args[:7], "--setting", "temp", *args[9:], check=False).stderr
 
 
-def test_pipeline_smoke_runs_every_stage_and_resumes(tmp_path):
+def test_pipeline_smoke_runs_every_stage_and_resumes(tmp_path, tmp_path_factory):
     proc = wm("pipeline", "--preset", "smoke", "--run", tmp_path, "--workers", 2)
     assert "real mean +- std" in proc.stdout and "iter_1" in proc.stdout
     stages = json.loads((tmp_path / "stages.json").read_text())
@@ -196,6 +196,14 @@ def test_pipeline_smoke_runs_every_stage_and_resumes(tmp_path):
     assert f"used by the method in all (data, branches, real checks, selection of C): {12 * 60}" in proc.stdout
     again = wm("pipeline", "--preset", "smoke", "--run", tmp_path, "--workers", 2)
     assert "done earlier" in again.stdout  # resumed: every stage skipped
+    # one command reproduces its agent: a second run from nothing makes the same V, M and C, byte for byte,
+    # and the same real scores (one worker, so the split of episodes between processes plays no part either)
+    twin = tmp_path_factory.mktemp("twin")
+    wm("pipeline", "--preset", "smoke", "--run", twin, "--workers", 1)
+    for part in PARTS:
+        assert RunPaths(twin).final().agent_part(part).read_bytes() == RunPaths(tmp_path).final().agent_part(
+            part).read_bytes(), part
+    assert RunPaths(twin).final().eval.read_text() == RunPaths(tmp_path).final().eval.read_text()
     # `wm export` lays the final agent out exactly as the shipped one is: the last iteration's agent
     # (with its selection of C), with the run's V
     out = Path(last_json(wm("export", "--run", tmp_path, "--out", tmp_path / "export"))["out"])
