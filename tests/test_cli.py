@@ -214,21 +214,29 @@ def test_pipeline_smoke_runs_every_stage_and_resumes(tmp_path, tmp_path_factory)
     assert exported.vae.read_bytes() == final.agent_part("V").read_bytes() == RunPaths(tmp_path).vae.read_bytes()
     assert exported.eval.read_text() == final.eval.read_text()
     # a recipe grows the run by wm command lines (the results preset's branch rounds): branches of the
-    # agent's own episodes, M fine-tuned with them, two evolutions chosen between by reality, the test
+    # agent's own episodes, two Ms fine-tuned with them (seeds 0 and 1), two evolutions in the M whose dream
+    # pays the reference controller least, chosen between by reality, the test
+    train = ("train-rnn --data {run}/data --vae {run}/vae/vae.eqx --out {run}/iter_2/%s --init "
+             "{run}/iter_1/agent/mdnrnn.eqx --epochs 1 --preset smoke --branches {run}/iter_2/branches "
+             "--set rnn.seed=%d")
     recipe = ",".join((
         "branches --data {run}/data --out {run}/iter_2/branches --drivers controller --per-episode 1 --first 44 "
         "--last 48 --horizon 8",
-        "train-rnn --data {run}/data --vae {run}/vae/vae.eqx --out {run}/iter_2/mdnrnn --init "
-        "{run}/iter_1/agent/mdnrnn.eqx --epochs 1 --preset smoke --branches {run}/iter_2/branches",
-        "select --stage {run}/iter_2 --vae {run}/vae/vae.eqx --data {run}/data --runs 2 --episodes 1 --max-steps 60 "
-        "--pool 1 --preset smoke",
+        train % ("mdnrnn", 0), train % ("mdnrnn_1", 1),
+        "select --stage {run}/iter_2 --mdnrnn {run}/iter_2/mdnrnn/mdnrnn.eqx {run}/iter_2/mdnrnn_1/mdnrnn.eqx "
+        "--vae {run}/vae/vae.eqx --data {run}/data --runs 2 --episodes 1 --max-steps 60 --pool 1 --preset smoke",
         "evaluate --agent {run}/iter_2/agent --episodes 2 --max-steps 60 --out {run}/iter_2/eval.json"))
     proc = wm("pipeline", "--preset", "smoke", "--run", tmp_path, "--workers", 2, "--set", f"recipe={recipe}")
     assert "done earlier" in proc.stdout and "iter_2" in proc.stdout
     stages = json.loads((tmp_path / "stages.json").read_text())
-    assert {"recipe_1/branches", "recipe_2/train-rnn", "recipe_3/select", "recipe_4/evaluate"} <= set(stages)
+    assert {"recipe_1/branches", "recipe_3/train-rnn", "recipe_4/select", "recipe_5/evaluate"} <= set(stages)
     it = RunPaths(tmp_path).iteration(2)
     selection = json.loads(it.selection.read_text())
+    # the M: the one of the two whose dream pays the reference controller least, in the agent
+    reference = selection["reference_dream_return"]
+    assert set(reference) == {str(it.mdnrnn), str(it.root / "mdnrnn_1" / "mdnrnn.eqx")}
+    assert len(set(reference.values())) == 2 and selection["mdnrnn"] == min(reference, key=reference.__getitem__)
+    assert it.agent_part("M").read_bytes() == Path(selection["mdnrnn"]).read_bytes()
     # the two final search means and the dream's pick of the earlier ones (2 generations: one mean each)
     names = [c["name"] for c in selection["candidates"]]
     assert names[:2] == ["seed_0", "seed_1"] and names[2] in ("seed_0/gen_1", "seed_1/gen_1")
@@ -238,7 +246,6 @@ def test_pipeline_smoke_runs_every_stage_and_resumes(tmp_path, tmp_path_factory)
     chosen_run = selection["chosen"].split("/")[0]
     assert it.evolve_metrics.read_text() == (it.evolve_dir / chosen_run / "metrics.jsonl").read_text()
     assert it.agent_part("C").read_bytes() == it.selected.read_bytes()
-    assert it.agent_part("M").read_bytes() == it.mdnrnn.read_bytes()
     branches = load_branches(it.root / "branches")
     assert len(branches) == 2  # iter_1's two controller episodes, one branch each
     frames = real_frames(tmp_path)
@@ -246,5 +253,9 @@ def test_pipeline_smoke_runs_every_stage_and_resumes(tmp_path, tmp_path_factory)
     assert frames["selection"] == 4 * 60 + 3 * 60 and frames["total"] == 12 * 60 + 3 * 60 + frames["branches"]
     assert json.loads(it.eval.read_text())["episodes"] == 2
     assert RunPaths(tmp_path).final().root == it.root
+    # exported, the agent's M comes with the log of the folder it was trained in
+    shipped = RunPaths(last_json(wm("export", "--run", tmp_path, "--out", tmp_path / "export_2"))["out"])
+    assert shipped.mdnrnn.read_bytes() == Path(selection["mdnrnn"]).read_bytes()
+    assert shipped.mdnrnn_metrics.read_text() == (Path(selection["mdnrnn"]).parent / "metrics.jsonl").read_text()
     proc = wm("pipeline", "--preset", "tiny", "--run", tmp_path, check=False)
     assert proc.returncode == 2 and "valid presets: smoke, quick, full" in proc.stderr

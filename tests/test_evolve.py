@@ -96,6 +96,10 @@ def test_a_resume_with_other_settings_refuses_and_names_them(tmp_path):
         evolve(toy_fitness, N, cfg(generations=3), tmp_path, x0=np.ones(N), progress=False)
     more = evolve(toy_fitness, N, cfg(generations=3), tmp_path, progress=False)
     assert more.generations == 3  # more generations is a resume, not a new search
+    # an evolution started before worlds were recorded resumes in the one named; then it is that one's
+    assert evolve(toy_fitness, N, cfg(generations=4), tmp_path, progress=False, world="M 1234").generations == 4
+    with pytest.raises(ValueError, match="world: 'M 1234' -> 'M 5678'"):  # another M dreams: another search
+        evolve(toy_fitness, N, cfg(generations=5), tmp_path, progress=False, world="M 5678")
 
 
 def test_frame_budget_stops_a_real_frame_counting_search(tmp_path):

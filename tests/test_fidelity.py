@@ -155,6 +155,18 @@ def test_road_readout_recovers_a_linear_map():
     np.testing.assert_allclose(fidelity.read(readout, mu[:3]), mu[:3] @ w + 0.3, atol=1e-9)
 
 
+def test_reference_return_by_hand():
+    """An M whose reward head ignores h (bias 0.25) and whose dreams never end pays any controller 0.25 a
+    step: 20 * 0.25 = 5 over a 20-step dream, the mean of the dreams."""
+    m, encoded = tiny_dream()
+    n = 3 * m.z_dim * m.n_mix  # the reward column of the head; done is the next one
+    flat = eqx.tree_at(lambda m: (m.head_weight, m.head_bias), m,
+                       (m.head_weight.at[:, n].set(0.0), m.head_bias.at[n].set(0.25).at[n + 1].set(-50.0)))
+    for horizon in (20, 7):
+        dream = dream_params(flat, encoded, EvolveConfig(road_starts=True), horizon=horizon)
+        assert fidelity.reference_return(dream, rollouts=4) == pytest.approx(0.25 * horizon, rel=1e-5)
+
+
 def test_steering_response_real_curve_by_hand_and_a_dream_blind_to_actions():
     m, _ = tiny_dream()
     # An M whose LSTM does not read the action inputs (rows z_dim..z_dim+2 of its input weights) dreams

@@ -201,15 +201,17 @@ def cmd_select(args) -> None:
     from wmlib.pipeline import evolve_and_choose
 
     stage = RunPaths(args.stage)
-    mdnrnn = Path(args.mdnrnn) if args.mdnrnn else stage.mdnrnn
-    if not mdnrnn.is_file():
-        raise WMError(f"no M at {mdnrnn} (train one there first, wm train-rnn --out {stage.mdnrnn_dir}, or name one "
-                      "with --mdnrnn)")
+    mdnrnns = [Path(p) for p in args.mdnrnn] if args.mdnrnn else [stage.mdnrnn]
+    for mdnrnn in mdnrnns:
+        if not mdnrnn.is_file():
+            raise WMError(f"no M at {mdnrnn} (train one there first, wm train-rnn --out {stage.mdnrnn_dir}, or name "
+                          "one with --mdnrnn)")
     cfg = _preset(args).evolve
-    result = evolve_and_choose(stage, Path(args.vae), mdnrnn, Path(args.data), cfg, args.runs, args.episodes,
+    result = evolve_and_choose(stage, Path(args.vae), mdnrnns, Path(args.data), cfg, args.runs, args.episodes,
                                args.seed, max_steps=args.max_steps, workers=args.workers, fast=not args.stock,
                                pool=args.pool)
-    print(json.dumps({"chosen": result["chosen"], "agent": str(stage.agent_dir), "frames": result["frames"],
+    print(json.dumps({"chosen": result["chosen"], "mdnrnn": result["mdnrnn"], "agent": str(stage.agent_dir),
+                      "frames": result["frames"], "reference_dream_return": result["reference_dream_return"],
                       "real_means": {r["name"]: r["real_mean"] for r in result["candidates"]}}))
 
 
@@ -440,7 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", required=True, help="stage folder (e.g. RUN/iter_2): gets evolve/seed_S/ per evolution, "
                                                   "evolve/selection.json and agent/")
     p.add_argument("--vae", required=True, help="the V whose latents M was trained on")
-    p.add_argument("--mdnrnn", default=None, help="the M to dream in (default: the stage's mdnrnn/mdnrnn.eqx)")
+    p.add_argument("--mdnrnn", nargs="+", default=None,
+                   help="the M to dream in (default: the stage's mdnrnn/mdnrnn.eqx); given several (e.g. trained "
+                        "with other seeds), the one whose dream pays the reference controller (straight ahead, "
+                        "half gas) least")
     p.add_argument("--data", required=True, help="encoded collection the dreams start from")
     p.add_argument("--runs", type=_positive_int, default=2, help="evolutions (seeds evolve.seed, evolve.seed+1, ...)")
     p.add_argument("--episodes", type=_positive_int, default=64, help="selection tracks per candidate C")

@@ -180,24 +180,38 @@ class Preset:
 _RUN = "--data {run}/data --vae {run}/vae/vae.eqx"
 _CHOOSE = ("--preset results --set evolve.inputs=z --set evolve.generations=30 --set evolve.popsize=32 "
            "--set evolve.repeats=8 --set evolve.dream_dropout=0.1")
+_DRAWS = 3  # round 1 trains its M this many times (seeds 0, 1, ...): draws differ in how generous their dream is
+
+
+def _m_draw(k: int) -> tuple[str, str]:
+    """Round 1's M, draw k: M with dropout (its seed k), then the branches of the recovery and weave episodes."""
+    tag, seed = ("", "") if k == 0 else (f"_{k}", f" --set rnn.seed={k}")
+    return (f"train-rnn {_RUN} --out {{run}}/iter_2/dropout{tag} --init {{run}}/iter_1/agent/mdnrnn.eqx --epochs 6 "
+            f"--dropout 0.05 --preset results{seed}",
+            f"train-rnn {_RUN} --out {{run}}/iter_2/mdnrnn{tag} --init {{run}}/iter_2/dropout{tag}/mdnrnn.eqx "
+            "--epochs 3 --dropout 0.05 --preset results --branches {run}/iter_2/branches --set rnn.w_branch=10")
+
+
 RESULTS_RECIPE = (
     # round 1 (iter_2): exogenous steering (weave), M with dropout, then branches of the recovery and
-    # weave episodes; two C's on z alone evolved in that dream, reality chooses on 64 selection tracks
+    # weave episodes, three times (seeds); two C's on z alone evolved in the dream of the draw that pays the
+    # reference controller (straight ahead, half gas) least, reality chooses on 64 selection tracks
     "collect --policy weave --episodes 150 --seed 1300000 --out {run}/data --mirror",
     "encode --data {run}/data --vae {run}/vae/vae.eqx --mirror",
-    f"train-rnn {_RUN} --out {{run}}/iter_2/dropout --init {{run}}/iter_1/agent/mdnrnn.eqx --epochs 6 --dropout 0.05 "
-    "--preset results",
+    _m_draw(0)[0],
     "branches --data {run}/data --out {run}/iter_2/branches --horizon 48 --per-episode 4 --seed 3",
-    f"train-rnn {_RUN} --out {{run}}/iter_2/mdnrnn --init {{run}}/iter_2/dropout/mdnrnn.eqx --epochs 3 "
-    "--dropout 0.05 --preset results --branches {run}/iter_2/branches --set rnn.w_branch=10",
-    f"select --stage {{run}}/iter_2 {_RUN} --runs 2 --episodes 64 {_CHOOSE}",
+    _m_draw(0)[1],
+    *(line for k in range(1, _DRAWS) for line in _m_draw(k)),
+    f"select --stage {{run}}/iter_2 {_RUN} --mdnrnn "
+    + " ".join(f"{{run}}/iter_2/mdnrnn{'_' + str(k) if k else ''}/mdnrnn.eqx" for k in range(_DRAWS))
+    + f" --runs 2 --episodes 64 {_CHOOSE}",
     "evaluate --agent {run}/iter_2/agent --episodes 100 --seed 0 --out {run}/iter_2/eval.json",
     # round 2 (iter_3): that agent's own episodes join the data (dream starts where it drives); eight C's
-    # evolved in 400-step dreams of the same M (the horizon lever), and the dream's 8 best earlier search
+    # evolved in 400-step dreams of its M (the horizon lever), and the dream's 8 best earlier search
     # means of those evolutions (the pool): reality chooses among the 16
     "collect --policy controller --agent {run}/iter_2/agent --episodes 120 --seed 1500000 --out {run}/data --mirror",
     "encode --data {run}/data --vae {run}/vae/vae.eqx --mirror",
-    f"select --stage {{run}}/iter_3 {_RUN} --mdnrnn {{run}}/iter_2/mdnrnn/mdnrnn.eqx --runs 8 --pool 8 --episodes 64 "
+    f"select --stage {{run}}/iter_3 {_RUN} --mdnrnn {{run}}/iter_2/agent/mdnrnn.eqx --runs 8 --pool 8 --episodes 64 "
     f"{_CHOOSE} --set evolve.episode_len=400",
     "evaluate --agent {run}/iter_3/agent --episodes 100 --seed 0 --out {run}/iter_3/eval.json",
 )

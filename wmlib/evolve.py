@@ -184,7 +184,7 @@ def evolve(fitness: Callable[[jax.Array, np.ndarray], np.ndarray], n_params: int
            run_dir: str | os.PathLike, x0: np.ndarray | None = None,
            on_best: Callable[[np.ndarray, float], None] | None = None,
            real_score: Callable[[np.ndarray], dict] | None = None, stage: str = "evolve",
-           progress: bool = True, free: np.ndarray | None = None) -> EvolveResult:
+           progress: bool = True, free: np.ndarray | None = None, world: str | None = None) -> EvolveResult:
     """Run CMA-ES for `cfg.generations` generations (resuming from `run_dir` when it holds a state).
 
     `fitness(key, solutions)` returns (P, repeats) returns. Whenever a generation's best candidate beats
@@ -196,7 +196,8 @@ def evolve(fitness: Callable[[jax.Array, np.ndarray], np.ndarray], n_params: int
     (more generations or frames aside) refuses and names the difference.
     `free` (bool, `n_params` long; default all) names the entries the optimiser searches; the others
     stay at their value in `x0` (`controller.free_params`: C on z alone). Everything `evolve` hands
-    out (fitness, history, `on_best`, the result) is the full vector.
+    out (fitness, history, `on_best`, the result) is the full vector. `world` names what `fitness` scores in
+    (e.g. the digest of the M that dreams): a resume in another world refuses like other settings.
     """
     if cfg.tau < 0:
         raise WMError(f"temperature tau must be >= 0, got {cfg.tau}")
@@ -217,10 +218,12 @@ def evolve(fitness: Callable[[jax.Array, np.ndarray], np.ndarray], n_params: int
 
     es = make_optimizer(cfg.optimizer, x0[free], cfg.sigma0, cfg.popsize, cfg.seed)  # checks the settings first
     as_json = lambda d: json.loads(json.dumps(d))  # noqa: E731  (as stored: tuples become lists)
-    settings = as_json({**dataclasses.asdict(cfg), "x0_sha256": hashlib.sha256(x0.tobytes()).hexdigest()[:16]})
+    settings = as_json({**dataclasses.asdict(cfg), "x0_sha256": hashlib.sha256(x0.tobytes()).hexdigest()[:16],
+                        **({"world": world} if world else {})})
     if (run_dir / CONFIG_FILE).exists():
         before = json.loads((run_dir / CONFIG_FILE).read_text())
-        before = {**as_json(dataclasses.asdict(EvolveConfig())), **before}  # a setting added since: its default
+        # a setting added since: its default (a world not recorded: unknown, taken as this one)
+        before = {**as_json(dataclasses.asdict(EvolveConfig())), **({"world": world} if world else {}), **before}
         changed = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in settings.items()
                    if k not in EXTENDABLE and before.get(k) != v]
         if changed:

@@ -124,6 +124,17 @@ def dream_scores(params: DreamParams, flat: np.ndarray, horizons: Sequence[int] 
     return np.stack(rows)
 
 
+def reference_return(params: DreamParams, rollouts: int = 256, seed: int = 0) -> float:
+    """What the dream pays the reference controller over its whole length (`params.max_steps` steps, mean of
+    `rollouts` dreams): zero weights, so straight ahead at half gas whatever it sees. Reality pays it little
+    (it leaves the road at the first bend: -45.5 +- 24.4 over its first 400 steps on 16 selection tracks,
+    docs/results.md); a dream that pays it much more keeps the road under a car that does not steer, and
+    C's evolved there learn to exploit that rather than to drive."""
+    m = params.mdnrnn
+    zero = np.zeros((1, n_params(m.z_dim, m.hidden)), np.float32)
+    return float(dream_scores(params, zero, (params.max_steps,), rollouts, seed, progress=False)[0, 0])
+
+
 def real_scorer(agent_dir: str | os.PathLike, episodes: int, seed: int = SELECTION_SEED,
                 workers: int | None = None, fast: bool = True) -> Callable[[np.ndarray, Path | None], np.ndarray]:
     """`score(vec, save_dir) -> (episodes,)` real returns of the controller `vec` with the agent's V and M,

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -197,6 +198,7 @@ def evolve_in_dream(agent_dir: Path, data_dir: Path, vae_id: str, out: Path, cfg
     from wmlib.mdnrnn import load_mdnrnn
 
     mdnrnn, _ = load_mdnrnn(part_path(agent_dir, "M"))
+    world = digest(part_path(agent_dir, "M").read_bytes(), *(Path(p).read_bytes() for p in cfg.ensemble))
     ensemble = []
     for path in cfg.ensemble:  # more Ms for a pessimistic dream (`fitness.dream_fitness`)
         m, header = load_mdnrnn(path)
@@ -213,7 +215,7 @@ def evolve_in_dream(agent_dir: Path, data_dir: Path, vae_id: str, out: Path, cfg
     save_best = controller_saver(out / PARTS["C"], mdnrnn.z_dim, mdnrnn.hidden, optimizer=cfg.optimizer)
     free = free_params(mdnrnn.z_dim, mdnrnn.hidden, cfg.inputs)
     return evolve(fitness, n_params(mdnrnn.z_dim, mdnrnn.hidden), cfg, out, x0=_start(x0, free), on_best=save_best,
-                  real_score=real_score if cfg.real_every else None, free=free)
+                  real_score=real_score if cfg.real_every else None, free=free, world=f"M {world}")
 
 
 def select_controller(stage: RunPaths, cfg, max_steps: int = 1000, workers: int | None = None,
@@ -232,14 +234,16 @@ def select_controller(stage: RunPaths, cfg, max_steps: int = 1000, workers: int 
 
 
 def choose_by_reality(stage: RunPaths, candidates: list[tuple[str, np.ndarray, float]], episodes: int, seed: int,
-                      max_steps: int = 1000, workers: int | None = None, fast: bool = True) -> dict:
+                      max_steps: int = 1000, workers: int | None = None, fast: bool = True,
+                      extra: dict | None = None) -> dict:
     """Each candidate (name, C's flat parameters, its dream return) with `stage`'s V and M drives `episodes`
     real episodes on selection-range tracks (env seeds `seed`..); the best real mean wins. Writes
     `stage.selected` and `stage.selection` (every candidate's scores and the real frames used).
 
     Resumable: `stage.selection` is rewritten after every candidate ("chosen" null until the choice), and
     a rerun keeps the rows of candidates with the same name and parameters, driven by the same V and M
-    on the same tracks (`agent_sha256`, `controller_sha256`, seed, episodes, max_steps)."""
+    on the same tracks (`agent_sha256`, `controller_sha256`, seed, episodes, max_steps). `extra` (e.g. how
+    the M was chosen) is written into it as it is."""
     from wmlib.controller import from_flat, save_controller
     from wmlib.evaluate import evaluate
     from wmlib.mdnrnn import load_mdnrnn
@@ -260,15 +264,16 @@ def choose_by_reality(stage: RunPaths, candidates: list[tuple[str, np.ndarray, f
                    "scores": r["scores"], "frames": r["frames"]}
         row = {**row, "dream_return": dream}  # a kept row takes the dream's latest score
         rows.append(row)
-        write_json(stage.selection, {"chosen": None, **setting, "frames": sum(r["frames"] for r in rows),
-                                     "candidates": rows})
+        write_json(stage.selection, {"chosen": None, **setting, **(extra or {}),
+                                     "frames": sum(r["frames"] for r in rows), "candidates": rows})
         print(f"  candidate {name}: dream {dream:.1f}, real {row['real_mean']:.1f} +- {row['real_std']:.1f} "
               f"({episodes} selection tracks)", flush=True)
     best = int(np.argmax([r["real_mean"] for r in rows]))
     m, _ = load_mdnrnn(stage.agent_part("M"))
     save_controller(stage.selected, from_flat(jnp.asarray(candidates[best][1], jnp.float32), m.z_dim, m.hidden),
                     extra={"selected": rows[best]["name"]})
-    result = {"chosen": rows[best]["name"], **setting, "frames": sum(r["frames"] for r in rows), "candidates": rows}
+    result = {"chosen": rows[best]["name"], **setting, **(extra or {}), "frames": sum(r["frames"] for r in rows),
+              "candidates": rows}
     write_json(stage.selection, result)
     return result
 
@@ -298,20 +303,40 @@ def dream_pool(mdnrnn: Path, data_dir: Path, vae_id: str, cfg, evolutions: list[
     return np.asarray(finals), sorted(named, key=lambda c: -c[2])[:count]
 
 
-def evolve_and_choose(stage: RunPaths, vae: Path, mdnrnn: Path, data_dir: Path, cfg, runs: int, episodes: int,
-                      seed: int, max_steps: int = 1000, workers: int | None = None, fast: bool = True,
+def reference_returns(mdnrnns: Sequence[Path], data_dir: Path, vae_id: str, cfg, dreams: int = 256) -> dict[str, float]:
+    """{M's path: what its dream pays the reference controller} (`fidelity.reference_return`: straight ahead at
+    half gas; `cfg`'s dream, `episode_len` steps, the same `dreams` dreams for every M)."""
+    from wmlib.fidelity import reference_return
+    from wmlib.fitness import dream_params
+    from wmlib.mdnrnn import load_mdnrnn
+
+    encoded = load_encoded(data_dir, vae_id)
+    return {str(p): reference_return(dream_params(load_mdnrnn(p)[0], encoded, cfg), dreams) for p in mdnrnns}
+
+
+def evolve_and_choose(stage: RunPaths, vae: Path, mdnrnns: Sequence[Path], data_dir: Path, cfg, runs: int,
+                      episodes: int, seed: int, max_steps: int = 1000, workers: int | None = None, fast: bool = True,
                       pool: int = 0) -> dict:
-    """`runs` evolutions of C in the dream of M (`mdnrnn`, e.g. `stage.mdnrnn`, trained on `vae`'s latents),
-    evolution seeds cfg.seed, cfg.seed + 1, ..., each from zero into `stage.evolve_dir`/seed_S (resumable);
-    their final search means, and with `pool` the dream's `pool` best earlier search means of any of them
-    (`dream_pool`, 256 dreams each), are chosen between by reality (`choose_by_reality`), and
-    `stage.agent_dir` gets V, M and the chosen C. The chosen evolution's log is copied to
-    `stage.evolve_metrics`. Evolutions vary a lot in the dream; reality picks."""
+    """`runs` evolutions of C in the dream of an M (trained on `vae`'s latents), evolution seeds cfg.seed,
+    cfg.seed + 1, ..., each from zero into `stage.evolve_dir`/seed_S (resumable); their final search means,
+    and with `pool` the dream's `pool` best earlier search means of any of them (`dream_pool`, 256 dreams
+    each), are chosen between by reality (`choose_by_reality`), and `stage.agent_dir` gets V, M and the
+    chosen C. The chosen evolution's log is copied to `stage.evolve_metrics`. Evolutions vary a lot in the
+    dream; reality picks.
+
+    The M: of `mdnrnns` (e.g. draws of the same training with other seeds), the one whose dream pays the
+    reference controller least (`reference_returns`; selection.json records them all): Ms trained alike
+    differ in how much road they lay under a car that does not steer, and C's evolved in a generous dream
+    learn to exploit it (docs/results.md)."""
     from wmlib.evolve import history
 
     check_seeds("selection", seed, episodes, f"choosing C for {stage.root}")  # before hours of evolution
-    assemble_agent(stage.agent_dir, vae, mdnrnn)
     vae_id = vae_id_of(vae)
+    reference = reference_returns(mdnrnns, data_dir, vae_id, cfg)
+    mdnrnn = Path(min(reference, key=reference.__getitem__))
+    for p, r in reference.items():
+        print(f"  M {p}: the reference controller's dream return {r:.1f}" + (" (chosen)" if p == str(mdnrnn) else ""))
+    assemble_agent(stage.agent_dir, vae, mdnrnn)
     evolutions = []
     for r in range(runs):
         c = dataclasses.replace(cfg, seed=cfg.seed + r, select_candidates=0, real_every=0)
@@ -320,7 +345,8 @@ def evolve_and_choose(stage: RunPaths, vae: Path, mdnrnn: Path, data_dir: Path, 
     finals, earlier = (dream_pool(mdnrnn, data_dir, vae_id, cfg, evolutions, pool) if pool
                        else (np.full(runs, np.nan), []))
     candidates = [(e.name, history(e)["mean"][-1], float(d)) for e, d in zip(evolutions, finals)] + earlier
-    result = choose_by_reality(stage, candidates, episodes, seed, max_steps, workers, fast)
+    result = choose_by_reality(stage, candidates, episodes, seed, max_steps, workers, fast,
+                               extra={"mdnrnn": str(mdnrnn), "reference_dream_return": reference})
     copy_file(stage.evolve_dir / result["chosen"].split("/")[0] / "metrics.jsonl", stage.evolve_metrics)
     assemble_agent(stage.agent_dir, vae, mdnrnn, stage.selected)
     return result
@@ -530,14 +556,18 @@ def export_agent(run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Copy a run's final agent with what made it into `out`, laid out as a run (`RunPaths`), as
     data/pretrained is: config.json, summary.txt, eval.json (test range), vae/ (V and its metrics), mdnrnn/
     (the final M and its metrics), evolve/ (the final evolution's metrics and selection.json) and agent/.
-    Not the data, the training states or earlier iterations."""
+    Not the data, the training states or earlier iterations. The M is the agent's; its metrics come from
+    the folder of the run where that M was trained (a stage may dream in an M of an earlier one)."""
     run, shipped = RunPaths(run_dir), RunPaths(out)
     final = run.final()
     if not final.eval.exists():
         raise FileNotFoundError(f"{run.root} has no evaluated agent yet (no {final.eval}): finish the pipeline first")
+    m = final.agent_part("M").read_bytes()
+    trained = [p.parent for p in sorted(run.root.glob("**/mdnrnn.eqx"))
+               if (p.parent / "metrics.jsonl").exists() and p.read_bytes() == m]
     copies = {shipped.config: run.config, shipped.summary: run.summary, shipped.eval: final.eval,
-              shipped.vae: run.vae, shipped.vae_metrics: run.vae_metrics,
-              shipped.mdnrnn: final.mdnrnn, shipped.mdnrnn_metrics: final.mdnrnn_metrics,
+              shipped.vae: run.vae, shipped.vae_metrics: run.vae_metrics, shipped.mdnrnn: final.agent_part("M"),
+              shipped.mdnrnn_metrics: trained[0] / "metrics.jsonl" if trained else final.mdnrnn_metrics,
               shipped.evolve_metrics: final.evolve_metrics, shipped.selection: final.selection,
               **{shipped.agent_part(part): final.agent_part(part) for part in PARTS}}
     for dst, src in copies.items():
