@@ -11,6 +11,7 @@ import pytest
 
 from test_paths import relative_files, shipped_run_files
 from wmlib.config import PRETRAINED_DIR, SAMPLE_DIR
+from wmlib.controller import load_controller, to_flat
 from wmlib.data import episode_files, load_branches, load_episode
 from wmlib.evolve import history
 from wmlib.paths import PARTS, SHIPPED, RunPaths
@@ -113,6 +114,11 @@ def test_select_names_a_missing_m_and_refuses_test_seeds(tmp_path):
     proc = wm("select", "--stage", tmp_path / "s", "--vae", SHIPPED.vae, "--data", SAMPLE_DIR, "--pool", -1,
               check=False)
     assert proc.returncode == 2 and "--pool: expected a non-negative integer, got -1" in proc.stderr
+    other = PRETRAINED_DIR.parent / "results_dropout"  # an agent folder with the same V and another M
+    proc = wm("select", "--stage", tmp_path / "s", "--vae", SHIPPED.vae, "--mdnrnn", SHIPPED.mdnrnn, "--data",
+              SAMPLE_DIR, "--incumbent", other, "--preset", "smoke", check=False)
+    assert proc.returncode == 2 and f"its M ({other / 'mdnrnn.eqx'}) is not {SHIPPED.mdnrnn}" in proc.stderr
+    assert not (tmp_path / "s").exists()
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
@@ -225,11 +231,22 @@ def test_pipeline_smoke_runs_every_stage_and_resumes(tmp_path, tmp_path_factory)
         train % ("mdnrnn", 0), train % ("mdnrnn_1", 1),
         "select --stage {run}/iter_2 --mdnrnn {run}/iter_2/mdnrnn/mdnrnn.eqx {run}/iter_2/mdnrnn_1/mdnrnn.eqx "
         "--vae {run}/vae/vae.eqx --data {run}/data --runs 2 --episodes 1 --max-steps 60 --pool 1 --preset smoke",
+        "select --stage {run}/iter_3 --mdnrnn {run}/iter_2/agent/mdnrnn.eqx --incumbent {run}/iter_2/agent "
+        "--vae {run}/vae/vae.eqx --data {run}/data --runs 1 --episodes 1 --max-steps 60 --preset smoke",
         "evaluate --agent {run}/iter_2/agent --episodes 2 --max-steps 60 --out {run}/iter_2/eval.json"))
     proc = wm("pipeline", "--preset", "smoke", "--run", tmp_path, "--workers", 2, "--set", f"recipe={recipe}")
     assert "done earlier" in proc.stdout and "iter_2" in proc.stdout
     stages = json.loads((tmp_path / "stages.json").read_text())
-    assert {"recipe_1/branches", "recipe_3/train-rnn", "recipe_4/select", "recipe_5/evaluate"} <= set(stages)
+    assert {"recipe_1/branches", "recipe_3/train-rnn", "recipe_4/select", "recipe_5/select",
+            "recipe_6/evaluate"} <= set(stages)
+    # a round with an incumbent: iter_2's C is a candidate beside the new evolution's, driven on the same track
+    it3 = RunPaths(tmp_path).iteration(3)
+    third = json.loads(it3.selection.read_text())
+    assert [c["name"] for c in third["candidates"]] == ["seed_0", "incumbent"]
+    params = [np.asarray(to_flat(load_controller(RunPaths(tmp_path).iteration(k).agent_part("C"))[0]), np.float32)
+              for k in (2, 3)]
+    assert third["candidates"][1]["controller_sha256"] == digest(params[0].tobytes())
+    assert np.array_equal(params[0], params[1]) == (third["chosen"] == "incumbent")
     it = RunPaths(tmp_path).iteration(2)
     selection = json.loads(it.selection.read_text())
     # the M: the one of the two whose dream pays the reference controller least, in the agent
@@ -250,7 +267,8 @@ def test_pipeline_smoke_runs_every_stage_and_resumes(tmp_path, tmp_path_factory)
     assert len(branches) == 2  # iter_1's two controller episodes, one branch each
     frames = real_frames(tmp_path)
     assert frames["branches"] == sum(int(b["t0"][0]) + 8 for b in branches.values())
-    assert frames["selection"] == 4 * 60 + 3 * 60 and frames["total"] == 12 * 60 + 3 * 60 + frames["branches"]
+    assert frames["selection"] == 4 * 60 + 3 * 60 + 2 * 60
+    assert frames["total"] == 12 * 60 + 3 * 60 + 2 * 60 + frames["branches"]
     assert json.loads(it.eval.read_text())["episodes"] == 2
     assert RunPaths(tmp_path).final().root == it.root
     # exported, the agent's M comes with the log of the folder it was trained in

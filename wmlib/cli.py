@@ -209,7 +209,7 @@ def cmd_select(args) -> None:
     cfg = _preset(args).evolve
     result = evolve_and_choose(stage, Path(args.vae), mdnrnns, Path(args.data), cfg, args.runs, args.episodes,
                                args.seed, max_steps=args.max_steps, workers=args.workers, fast=not args.stock,
-                               pool=args.pool)
+                               pool=args.pool, incumbent=Path(args.incumbent) if args.incumbent else None)
     print(json.dumps({"chosen": result["chosen"], "mdnrnn": result["mdnrnn"], "agent": str(stage.agent_dir),
                       "frames": result["frames"], "reference_dream_return": result["reference_dream_return"],
                       "real_means": {r["name"]: r["real_mean"] for r in result["candidates"]}}))
@@ -452,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", type=_count, default=0,
                    help="also the dream's POOL best earlier search means of the evolutions (every generation "
                         "scored in 256 dreams) as candidates (default 0: the final means only)")
+    p.add_argument("--incumbent", default=None,
+                   help="an agent folder with the same V and M (e.g. an earlier round's): its C is a candidate too, "
+                        "so the stage hands on a new C only if reality prefers it")
     p.add_argument("--seed", type=int, default=SELECTION_SEED,
                    help=f"episode i runs on env seed SEED+i (default {SELECTION_SEED}: the selection range)")
     p.add_argument("--max-steps", type=_positive_int, default=1000)

@@ -208,11 +208,11 @@ RESULTS_RECIPE = (
     "evaluate --agent {run}/iter_2/agent --episodes 100 --seed 0 --out {run}/iter_2/eval.json",
     # round 2 (iter_3): that agent's own episodes join the data (dream starts where it drives); eight C's
     # evolved in 400-step dreams of its M (the horizon lever), and the dream's 8 best earlier search
-    # means of those evolutions (the pool): reality chooses among the 16
+    # means of those evolutions (the pool): reality chooses among the 16 and round 1's C (the incumbent)
     "collect --policy controller --agent {run}/iter_2/agent --episodes 120 --seed 1500000 --out {run}/data --mirror",
     "encode --data {run}/data --vae {run}/vae/vae.eqx --mirror",
-    f"select --stage {{run}}/iter_3 {_RUN} --mdnrnn {{run}}/iter_2/agent/mdnrnn.eqx --runs 8 --pool 8 --episodes 64 "
-    f"{_CHOOSE} --set evolve.episode_len=400",
+    f"select --stage {{run}}/iter_3 {_RUN} --mdnrnn {{run}}/iter_2/agent/mdnrnn.eqx --incumbent {{run}}/iter_2/agent "
+    f"--runs 8 --pool 8 --episodes 64 {_CHOOSE} --set evolve.episode_len=400",
     "evaluate --agent {run}/iter_3/agent --episodes 100 --seed 0 --out {run}/iter_3/eval.json",
 )
 

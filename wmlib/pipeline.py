@@ -316,7 +316,7 @@ def reference_returns(mdnrnns: Sequence[Path], data_dir: Path, vae_id: str, cfg,
 
 def evolve_and_choose(stage: RunPaths, vae: Path, mdnrnns: Sequence[Path], data_dir: Path, cfg, runs: int,
                       episodes: int, seed: int, max_steps: int = 1000, workers: int | None = None, fast: bool = True,
-                      pool: int = 0) -> dict:
+                      pool: int = 0, incumbent: Path | None = None) -> dict:
     """`runs` evolutions of C in the dream of an M (trained on `vae`'s latents), evolution seeds cfg.seed,
     cfg.seed + 1, ..., each from zero into `stage.evolve_dir`/seed_S (resumable); their final search means,
     and with `pool` the dream's `pool` best earlier search means of any of them (`dream_pool`, 256 dreams
@@ -327,7 +327,12 @@ def evolve_and_choose(stage: RunPaths, vae: Path, mdnrnns: Sequence[Path], data_
     The M: of `mdnrnns` (e.g. draws of the same training with other seeds), the one whose dream pays the
     reference controller least (`reference_returns`; selection.json records them all): Ms trained alike
     differ in how much road they lay under a car that does not steer, and C's evolved in a generous dream
-    learn to exploit it (docs/results.md)."""
+    learn to exploit it (docs/results.md).
+
+    `incumbent` (an agent folder with the same V and the chosen M, e.g. an earlier round's) joins the
+    candidates with its C ("incumbent"): a new round hands on a new C only if reality prefers it."""
+    from wmlib.agent import agent_folder, part_path
+    from wmlib.controller import load_controller, to_flat
     from wmlib.evolve import history
 
     check_seeds("selection", seed, episodes, f"choosing C for {stage.root}")  # before hours of evolution
@@ -336,6 +341,13 @@ def evolve_and_choose(stage: RunPaths, vae: Path, mdnrnns: Sequence[Path], data_
     mdnrnn = Path(min(reference, key=reference.__getitem__))
     for p, r in reference.items():
         print(f"  M {p}: the reference controller's dream return {r:.1f}" + (" (chosen)" if p == str(mdnrnn) else ""))
+    champion = []
+    if incumbent is not None:
+        for part, ours in (("V", vae), ("M", mdnrnn)):
+            if part_path(incumbent, part).read_bytes() != ours.read_bytes():
+                raise WMError(f"incumbent {incumbent}: its {part} ({part_path(incumbent, part)}) is not {ours}; the "
+                              "incumbent must drive with the V and M of this choice")
+        champion.append(("incumbent", np.asarray(to_flat(load_controller(part_path(incumbent, "C"))[0])), np.nan))
     assemble_agent(stage.agent_dir, vae, mdnrnn)
     evolutions = []
     for r in range(runs):
@@ -345,9 +357,15 @@ def evolve_and_choose(stage: RunPaths, vae: Path, mdnrnns: Sequence[Path], data_
     finals, earlier = (dream_pool(mdnrnn, data_dir, vae_id, cfg, evolutions, pool) if pool
                        else (np.full(runs, np.nan), []))
     candidates = [(e.name, history(e)["mean"][-1], float(d)) for e, d in zip(evolutions, finals)] + earlier
-    result = choose_by_reality(stage, candidates, episodes, seed, max_steps, workers, fast,
+    result = choose_by_reality(stage, candidates + champion, episodes, seed, max_steps, workers, fast,
                                extra={"mdnrnn": str(mdnrnn), "reference_dream_return": reference})
-    copy_file(stage.evolve_dir / result["chosen"].split("/")[0] / "metrics.jsonl", stage.evolve_metrics)
+    log = (RunPaths(agent_folder(incumbent).parent).evolve_metrics  # the incumbent's stage, laid out as a run
+           if incumbent is not None and result["chosen"] == "incumbent"
+           else stage.evolve_dir / result["chosen"].split("/")[0] / "metrics.jsonl")
+    if log.exists():
+        copy_file(log, stage.evolve_metrics)
+    else:
+        stage.evolve_metrics.unlink(missing_ok=True)
     assemble_agent(stage.agent_dir, vae, mdnrnn, stage.selected)
     return result
 
