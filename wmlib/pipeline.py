@@ -335,18 +335,22 @@ def evolve_and_choose(stage: RunPaths, vae: Path, mdnrnns: Sequence[Path], data_
     from wmlib.controller import load_controller, to_flat
     from wmlib.evolve import history
 
+    def check_incumbent(part: str, ours: Sequence[Path]) -> None:
+        if incumbent is not None and all(part_path(incumbent, part).read_bytes() != p.read_bytes() for p in ours):
+            raise WMError(f"incumbent {incumbent}: its {part} ({part_path(incumbent, part)}) is not "
+                          f"{' or '.join(map(str, ours))}; the incumbent must drive with the V and M of this choice")
+
     check_seeds("selection", seed, episodes, f"choosing C for {stage.root}")  # before hours of evolution
+    check_incumbent("V", [vae])
+    check_incumbent("M", mdnrnns)
     vae_id = vae_id_of(vae)
     reference = reference_returns(mdnrnns, data_dir, vae_id, cfg)
     mdnrnn = Path(min(reference, key=reference.__getitem__))
     for p, r in reference.items():
         print(f"  M {p}: the reference controller's dream return {r:.1f}" + (" (chosen)" if p == str(mdnrnn) else ""))
+    check_incumbent("M", [mdnrnn])
     champion = []
     if incumbent is not None:
-        for part, ours in (("V", vae), ("M", mdnrnn)):
-            if part_path(incumbent, part).read_bytes() != ours.read_bytes():
-                raise WMError(f"incumbent {incumbent}: its {part} ({part_path(incumbent, part)}) is not {ours}; the "
-                              "incumbent must drive with the V and M of this choice")
         champion.append(("incumbent", np.asarray(to_flat(load_controller(part_path(incumbent, "C"))[0])), np.nan))
     assemble_agent(stage.agent_dir, vae, mdnrnn)
     evolutions = []
