@@ -93,3 +93,18 @@ def test_selection_figure_needs_dream_returns():
         figures.selection({"chosen": "seed_0", "episodes": 1, "candidates": [row]})
     fig = figures.selection({"chosen": "seed_0", "episodes": 1, "candidates": [{**row, "dream_return": 2.0}]})
     assert [t.get_text() for t in fig.axes[0].texts] == ["seed_0"]  # each candidate named beside its dot
+
+
+def test_selection_figure_draws_a_candidate_the_dream_did_not_score_at_its_real_mean():
+    scored = {"name": "seed_0", "dream_return": 2.0, "real_mean": 1.0, "real_std": 0.0, "scores": [1.0]}
+    incumbent = {"name": "incumbent", "dream_return": float("nan"), "real_mean": 5.0, "real_std": 2.0,
+                 "scores": [3.0, 7.0, 3.0, 7.0]}
+    fig = figures.selection({"chosen": "incumbent", "episodes": 4, "candidates": [scored, incumbent]})
+    ax = fig.axes[0]
+    dashed = [line for line in ax.lines if line.get_linestyle() == "--"]
+    assert len(dashed) == 1 and list(dashed[0].get_ydata()) == [5.0, 5.0]
+    band = ax.patches[-1].get_path().get_extents().transformed(ax.patches[-1].get_patch_transform())
+    assert (band.y0, band.y1) == pytest.approx((4.0, 6.0))  # +- std / sqrt(4 episodes)
+    labels = ax.get_legend_handles_labels()[1]
+    assert "incumbent, not scored in this dream (chosen by reality)" in labels
+    assert "chosen by reality" not in labels  # no scored candidate is ringed

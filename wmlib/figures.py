@@ -229,20 +229,28 @@ def sweep_table(sweep: dict):
 
 def selection(result: dict):
     """A choice by reality (`pipeline.choose_by_reality`, selection.json): each candidate C's dream return
-    against its mean real score on the selection tracks (+- its standard error), the chosen one ringed."""
+    against its mean real score on the selection tracks (+- its standard error), the chosen one ringed. A
+    candidate the dream did not score (an earlier round's C, `wm select --incumbent`) is a dashed line at its
+    real mean, in a band of +- its standard error."""
     plt = _plt()
+    se = lambda r: r["real_std"] / np.sqrt(len(r["scores"]))  # noqa: E731
     rows = [r for r in result["candidates"] if np.isfinite(r["dream_return"])]
     if not rows:
         raise ValueError("selection: no candidate has a dream return (chosen without `wm select --pool`?)")
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.errorbar([r["dream_return"] for r in rows], [r["real_mean"] for r in rows],
-                [r["real_std"] / np.sqrt(len(r["scores"])) for r in rows], fmt="o", label="a candidate C")
+    ax.errorbar([r["dream_return"] for r in rows], [r["real_mean"] for r in rows], [se(r) for r in rows], fmt="o",
+                label="a candidate C")
     for r in rows:
         ax.annotate(r["name"], (r["dream_return"], r["real_mean"]), fontsize=6, xytext=(3, 3),
                     textcoords="offset points")
         if r["name"] == result["chosen"]:
             ax.scatter([r["dream_return"]], [r["real_mean"]], s=200, facecolors="none", edgecolors="k",
                        label="chosen by reality")
+    for r in (r for r in result["candidates"] if not np.isfinite(r["dream_return"])):
+        chosen = " (chosen by reality)" if r["name"] == result["chosen"] else ""
+        ax.axhline(r["real_mean"], color="k" if chosen else "0.5", ls="--", lw=1,
+                   label=f"{r['name']}, not scored in this dream{chosen}")
+        ax.axhspan(r["real_mean"] - se(r), r["real_mean"] + se(r), color="0.5", alpha=0.15)
     ax.set_xlabel("dream return (mean over the dreams it was scored in)")
     ax.set_ylabel(f"real, {result['episodes']} selection tracks (mean +- s.e.)")
     ax.legend(fontsize=8)
