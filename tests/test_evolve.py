@@ -182,3 +182,38 @@ def test_choice_by_reality_resumes_and_redrives_only_what_changed(tmp_path, monk
     crash_at[0] = None
     resumed = choose_by_reality(stage, [("a", a, 1.0), ("b", b, 2.0)], 3, 100002)
     assert len(driven) == 2 and resumed["chosen"] == "b" and resumed["frames"] == 2 * 3 * 7
+
+
+def test_the_summary_finds_the_evolution_that_made_the_final_c_through_a_kept_incumbent(tmp_path, monkeypatch):
+    """Round 1 chose evolution seed_1 (evolve_and_choose's layout), round 2 kept it as the incumbent: the
+    fidelity that speaks for the final agent is round 1's seed_1, not round 2's evolve/ folder."""
+    import wmlib.evaluate
+    from wmlib.mdnrnn import load_mdnrnn
+    from wmlib.paths import SHIPPED, RunPaths
+    from wmlib.pipeline import assemble_agent, choose_by_reality, evolution_of_final_c
+
+    def fake_evaluate(agent_dir, episodes, seed=0, controller_params=None, **kw):  # a real mean = sum of C
+        mean = float(np.sum(controller_params))
+        return {"mean": mean, "std": 0.0, "scores": [mean] * episodes, "frames": 7 * episodes}
+
+    monkeypatch.setattr(wmlib.evaluate, "evaluate", fake_evaluate)
+    m, _ = load_mdnrnn(SHIPPED.agent_part("M"))
+    n = n_params(m.z_dim, m.hidden)
+    run = RunPaths(tmp_path / "run")
+    round1, round2 = run.iteration(2), run.iteration(3)
+    for stage in (round1, round2):
+        assemble_agent(stage.agent_dir, SHIPPED.agent_part("V"), SHIPPED.agent_part("M"))
+        (stage.evolve_dir / "seed_0").mkdir(parents=True)
+        (stage.evolve_dir / "seed_1").mkdir()
+    good, bad = np.full(n, 1e-3), np.zeros(n)
+    assert choose_by_reality(round1, [("seed_0", bad, 1.0), ("seed_1", good, 0.5)], 2, 100000)["chosen"] == "seed_1"
+    round1.eval.write_text("{}")
+    assert evolution_of_final_c(run) == round1.evolve_dir / "seed_1"
+    chosen = choose_by_reality(round2, [("seed_0", bad, 9.0), ("seed_1/gen_3", bad, 8.0), ("incumbent", good, 0.0)],
+                               2, 100000)["chosen"]
+    round2.eval.write_text("{}")
+    assert chosen == "incumbent" and evolution_of_final_c(run) == round1.evolve_dir / "seed_1"
+    choose_by_reality(round2, [("seed_1/gen_3", -good, 8.0), ("mean", 2 * good, 0.0)], 2, 100000)
+    assert evolution_of_final_c(run) == round2.evolve_dir  # select_controller's "mean": the stage's own evolve/
+    choose_by_reality(round2, [("seed_1/gen_3", 3 * good, 8.0), ("mean", 2 * good, 0.0)], 2, 100000)
+    assert evolution_of_final_c(run) == round2.evolve_dir / "seed_1"  # an earlier search mean of seed_1

@@ -550,10 +550,38 @@ def summary(run_dir: Path) -> tuple[list[dict], dict]:
     for row in rows:
         row["data_frames_total"] = frames["data"]
         row["real_frames_total"] = frames["total"]
-    fidelity = run.final().fidelity / FIDELITY
-    if rows and fidelity.exists():  # `wm fidelity` on the final evolution
+    evolution = evolution_of_final_c(run)
+    fidelity = evolution / "fidelity" / FIDELITY  # where `wm fidelity --evolve EVOLUTION` writes by default
+    if rows and fidelity.exists():
         rows[-1]["spearman"] = json.loads(fidelity.read_text())["rank"]["spearman"]
+        rows[-1]["fidelity_of"] = str(evolution.relative_to(run.root))
     return rows, stages
+
+
+def evolution_of_final_c(run: RunPaths) -> Path:
+    """The evolution folder that made the final agent's C: the final stage's evolve/ folder, or, where
+    reality chose among candidates (selection.json), the chosen one's evolution (evolve/seed_S of
+    `evolve_and_choose`); a kept incumbent (an earlier round's C) is traced by its parameters' hash to
+    the stage whose own choice it was."""
+    def chosen(stage: RunPaths) -> dict | None:
+        sel = json.loads(stage.selection.read_text()) if stage.selection.exists() else {}
+        return next((r for r in sel.get("candidates", []) if r["name"] == sel.get("chosen")), None)
+
+    def evolution(stage: RunPaths, row: dict) -> Path:
+        folder = stage.evolve_dir / row["name"].split("/")[0]  # "seed_1", "seed_7/gen_23"; "mean", "top_0"
+        return folder if folder.is_dir() else stage.evolve_dir
+
+    final = run.final()
+    row = chosen(final)
+    if row is None:
+        return final.evolve_dir
+    if row["name"] != "incumbent":
+        return evolution(final, row)
+    for stage in [run, *run.iterations()]:
+        own = chosen(stage)
+        if own and own["name"] != "incumbent" and own.get("controller_sha256", 0) == row.get("controller_sha256"):
+            return evolution(stage, own)
+    return final.evolve_dir
 
 
 def format_summary(rows: list[dict], stages: dict) -> str:
@@ -566,7 +594,8 @@ def format_summary(rows: list[dict], stages: dict) -> str:
                      f"all (data, branches, real checks, selection of C): {rows[-1]['real_frames_total']}")
     if rows and "spearman" in rows[-1]:
         by_horizon = sorted(rows[-1]["spearman"].items(), key=lambda kv: int(kv[0]))
-        lines.append("dream fidelity of the last evolution, Spearman(dream, real) by dream horizon: " +
+        lines.append(f"dream fidelity of the evolution that made C ({rows[-1]['fidelity_of']}), Spearman(dream, real) "
+                     "by dream horizon: " +
                      ", ".join(f"{h}: {v:.2f}" for h, v in by_horizon))
     ordered = sorted(stages.items(), key=lambda kv: kv[1].get("order", 0))
     lines.append("wall time per stage: " + ", ".join(f"{k} {v['wall_s']:.0f}s" for k, v in ordered))
