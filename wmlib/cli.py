@@ -266,6 +266,7 @@ def cmd_imitate(args) -> None:
 
 def cmd_fidelity(args) -> None:
     from wmlib.fidelity import fidelity_report
+    from wmlib.paths import fidelity_dir
 
     try:
         horizons = sorted({int(h) for h in args.horizons.split(",")})
@@ -273,7 +274,7 @@ def cmd_fidelity(args) -> None:
         raise WMError(f"--horizons must be comma-separated positive integers, got {args.horizons!r}") from None
     if horizons[0] < 1:
         raise WMError(f"--horizons must be comma-separated positive integers, got {args.horizons!r}")
-    out = Path(args.out or Path(args.evolve) / "fidelity")
+    out = Path(args.out) if args.out else fidelity_dir(args.evolve)
     report = fidelity_report(args.agent, args.data, args.evolve, _preset(args).evolve, out,
                              controllers=args.controllers, real_episodes=args.real_episodes,
                              dream_rollouts=args.dream_rollouts, horizons=horizons, real_seed=args.real_seed,

@@ -117,11 +117,6 @@ class RunPaths:
         """Every candidate's real scores from that choice."""
         return self.evolve_dir / "selection.json"
 
-    @property
-    def fidelity(self) -> Path:
-        """The folder of `wm fidelity`'s report on this evolution."""
-        return self.evolve_dir / "fidelity"
-
     # the agent
     @property
     def agent_dir(self) -> Path:
@@ -158,3 +153,8 @@ def find_artifact(*candidates: Path) -> Path:
             return path
     raise FileNotFoundError(f"none of {', '.join(map(str, candidates))} exists; run the earlier stage (or its "
                             "notebook) first")
+
+
+def fidelity_dir(evolution: str | os.PathLike) -> Path:
+    """The folder of `wm fidelity`'s report on an evolution folder (its default --out)."""
+    return Path(evolution) / "fidelity"

@@ -33,7 +33,7 @@ from wmlib.config import Preset, changed_settings, check_seeds, preset_from_dict
 from wmlib.data import load_encoded, read_manifest
 from wmlib.errors import WMError
 from wmlib.files import atomic_write, read_jsonl, write_json
-from wmlib.paths import FIDELITY, PARTS, RunPaths
+from wmlib.paths import FIDELITY, PARTS, RunPaths, fidelity_dir
 
 DATA_SEED_STRIDE = 100_000  # policy k / iteration i collect on env seeds base + stride * (k or i)
 GROWABLE = ("iterations", "recipe")  # settings a resumed run may grow: the done stages stay valid, new ones follow
@@ -551,7 +551,7 @@ def summary(run_dir: Path) -> tuple[list[dict], dict]:
         row["data_frames_total"] = frames["data"]
         row["real_frames_total"] = frames["total"]
     evolution = evolution_of_final_c(run)
-    fidelity = evolution / "fidelity" / FIDELITY  # where `wm fidelity --evolve EVOLUTION` writes by default
+    fidelity = fidelity_dir(evolution) / FIDELITY
     if rows and fidelity.exists():
         rows[-1]["spearman"] = json.loads(fidelity.read_text())["rank"]["spearman"]
         rows[-1]["fidelity_of"] = str(evolution.relative_to(run.root))
