@@ -15,7 +15,7 @@ from wmlib.controller import load_controller, to_flat
 from wmlib.data import episode_files, load_branches, load_episode
 from wmlib.evolve import history
 from wmlib.paths import PARTS, SHIPPED, RunPaths
-from wmlib.pipeline import digest, real_frames
+from wmlib.pipeline import digest, evolution_of_final_c, real_frames
 
 ENV = {**os.environ, "WM_PRESET": "smoke"}
 pytestmark = pytest.mark.slow  # each test starts `wm` (and JAX) in subprocesses: left out of the quick unit run
@@ -220,8 +220,8 @@ def test_pipeline_smoke_runs_every_stage_and_resumes(tmp_path, tmp_path_factory)
     assert exported.vae.read_bytes() == final.agent_part("V").read_bytes() == RunPaths(tmp_path).vae.read_bytes()
     assert exported.eval.read_text() == final.eval.read_text()
     # a recipe grows the run by wm command lines (the results preset's branch rounds): branches of the
-    # agent's own episodes, two Ms fine-tuned with them (seeds 0 and 1), two evolutions in the M whose dream
-    # pays the reference controller least, chosen between by reality, the test
+    # agent's own episodes, two Ms fine-tuned with them (seeds 0 and 1), two evolutions in each M's dream,
+    # all chosen between by reality, a round 2 with round 1's C as the incumbent, the test
     train = ("train-rnn --data {run}/data --vae {run}/vae/vae.eqx --out {run}/iter_2/%s --init "
              "{run}/iter_1/agent/mdnrnn.eqx --epochs 1 --preset smoke --branches {run}/iter_2/branches "
              "--set rnn.seed=%d")
@@ -249,26 +249,36 @@ def test_pipeline_smoke_runs_every_stage_and_resumes(tmp_path, tmp_path_factory)
     assert np.array_equal(params[0], params[1]) == (third["chosen"] == "incumbent")
     it = RunPaths(tmp_path).iteration(2)
     selection = json.loads(it.selection.read_text())
-    # the M: the one of the two whose dream pays the reference controller least, in the agent
-    reference = selection["reference_dream_return"]
-    assert set(reference) == {str(it.mdnrnn), str(it.root / "mdnrnn_1" / "mdnrnn.eqx")}
-    assert len(set(reference.values())) == 2 and selection["mdnrnn"] == min(reference, key=reference.__getitem__)
+    # two Ms: each its own choice (m_0/, m_1/: two evolutions and the dream's pick of their earlier means),
+    # and reality's best of all six candidates, with the M it was evolved in, is the agent
+    ms = [str(it.mdnrnn), str(it.root / "mdnrnn_1" / "mdnrnn.eqx")]
+    assert set(selection["reference_dream_return"]) == set(ms)
+    rows = selection["candidates"]
+    for k, m in enumerate(ms):
+        own = json.loads(RunPaths(it.root / f"m_{k}").selection.read_text())
+        assert own["mdnrnn"] == m and own["frames"] == 3 * 60
+        names = [c["name"] for c in own["candidates"]]
+        assert names[:2] == ["seed_0", "seed_1"] and names[2] in ("seed_0/gen_1", "seed_1/gen_1")
+        assert [r for r in rows if r["name"].startswith(f"m_{k}/")] == [
+            {**r, "name": f"m_{k}/{r['name']}"} for r in own["candidates"]]
+        assert all(np.isfinite(c["dream_return"]) for c in own["candidates"])
+        pooled = history(RunPaths(it.root / f"m_{k}").evolve_dir / names[2].split("/")[0])["mean"][0]
+        assert own["candidates"][2]["controller_sha256"] == digest(np.asarray(pooled, np.float32).tobytes())
+    assert len(rows) == 6 and selection["frames"] == 6 * 60
+    best = max(rows, key=lambda r: r["real_mean"])
+    assert selection["chosen"] == best["name"]
+    sub, chosen_run = RunPaths(it.root / best["name"].split("/")[0]), best["name"].split("/")[1]
+    assert selection["mdnrnn"] == ms[int(sub.root.name[2:])]
     assert it.agent_part("M").read_bytes() == Path(selection["mdnrnn"]).read_bytes()
-    # the two final search means and the dream's pick of the earlier ones (2 generations: one mean each)
-    names = [c["name"] for c in selection["candidates"]]
-    assert names[:2] == ["seed_0", "seed_1"] and names[2] in ("seed_0/gen_1", "seed_1/gen_1")
-    assert selection["frames"] == 3 * 60 and all(np.isfinite(c["dream_return"]) for c in selection["candidates"])
-    pooled = history(it.evolve_dir / names[2].split("/")[0])["mean"][0]
-    assert selection["candidates"][2]["controller_sha256"] == digest(np.asarray(pooled, np.float32).tobytes())
-    chosen_run = selection["chosen"].split("/")[0]
-    assert it.evolve_metrics.read_text() == (it.evolve_dir / chosen_run / "metrics.jsonl").read_text()
-    assert it.agent_part("C").read_bytes() == it.selected.read_bytes()
+    assert it.evolve_metrics.read_text() == (sub.evolve_dir / chosen_run / "metrics.jsonl").read_text()
+    assert it.agent_part("C").read_bytes() == it.selected.read_bytes() == sub.selected.read_bytes()
+    assert evolution_of_final_c(RunPaths(tmp_path)) == sub.evolve_dir / chosen_run  # iter_2 is the final stage
     branches = load_branches(it.root / "branches")
     assert len(branches) == 2  # iter_1's two controller episodes, one branch each
     frames = real_frames(tmp_path)
     assert frames["branches"] == sum(int(b["t0"][0]) + 8 for b in branches.values())
-    assert frames["selection"] == 4 * 60 + 3 * 60 + 2 * 60
-    assert frames["total"] == 12 * 60 + 3 * 60 + 2 * 60 + frames["branches"]
+    assert frames["selection"] == 4 * 60 + 6 * 60 + 2 * 60
+    assert frames["total"] == 12 * 60 + 6 * 60 + 2 * 60 + frames["branches"]
     assert json.loads(it.eval.read_text())["episodes"] == 2
     assert RunPaths(tmp_path).final().root == it.root
     # exported, the agent's M comes with the log of the folder it was trained in

@@ -185,8 +185,9 @@ def test_choice_by_reality_resumes_and_redrives_only_what_changed(tmp_path, monk
 
 
 def test_the_summary_finds_the_evolution_that_made_the_final_c_through_a_kept_incumbent(tmp_path, monkeypatch):
-    """Round 1 chose evolution seed_1 (evolve_and_choose's layout), round 2 kept it as the incumbent: the
-    fidelity that speaks for the final agent is round 1's seed_1, not round 2's evolve/ folder."""
+    """Round 1 chose evolution seed_1 (dream_choice's layout), round 2 kept it as the incumbent: the
+    fidelity that speaks for the final agent is round 1's seed_1, not round 2's evolve/ folder; a choice
+    between Ms names the winner's sub-stage."""
     import wmlib.evaluate
     from wmlib.mdnrnn import load_mdnrnn
     from wmlib.paths import SHIPPED, RunPaths
@@ -217,3 +218,9 @@ def test_the_summary_finds_the_evolution_that_made_the_final_c_through_a_kept_in
     assert evolution_of_final_c(run) == round2.evolve_dir  # select_controller's "mean": the stage's own evolve/
     choose_by_reality(round2, [("seed_1/gen_3", 3 * good, 8.0), ("mean", 2 * good, 0.0)], 2, 100000)
     assert evolution_of_final_c(run) == round2.evolve_dir / "seed_1"  # an earlier search mean of seed_1
+    # a choice between Ms (`evolve_and_choose`): each M's own choice in m_K/, the winner named "m_K/..."
+    sub = RunPaths(round2.root / "m_1")
+    assemble_agent(sub.agent_dir, SHIPPED.agent_part("V"), SHIPPED.agent_part("M"))
+    (sub.evolve_dir / "seed_4").mkdir(parents=True)
+    choose_by_reality(round2, [("m_0/seed_1", good, 0.0), ("m_1/seed_4/gen_2", 4 * good, 0.0)], 2, 100000)
+    assert evolution_of_final_c(run) == sub.evolve_dir / "seed_4"

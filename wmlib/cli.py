@@ -445,8 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", required=True, help="the V whose latents M was trained on")
     p.add_argument("--mdnrnn", nargs="+", default=None,
                    help="the M to dream in (default: the stage's mdnrnn/mdnrnn.eqx); given several (e.g. trained "
-                        "with other seeds), the one whose dream pays the reference controller (straight ahead, "
-                        "half gas) least")
+                        "with other seeds), --runs evolutions in each one's dream (in STAGE/m_K/, K its place in "
+                        "the list), and reality chooses among all their candidates")
     p.add_argument("--data", required=True, help="encoded collection the dreams start from")
     p.add_argument("--runs", type=_positive_int, default=2, help="evolutions (seeds evolve.seed, evolve.seed+1, ...)")
     p.add_argument("--episodes", type=_positive_int, default=64, help="selection tracks per candidate C")
@@ -454,8 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also the dream's POOL best earlier search means of the evolutions (every generation "
                         "scored in 256 dreams) as candidates (default 0: the final means only)")
     p.add_argument("--incumbent", default=None,
-                   help="an agent folder with the same V and M (e.g. an earlier round's): its C is a candidate too, "
-                        "so the stage hands on a new C only if reality prefers it")
+                   help="an agent folder with the same V and M (one of them; e.g. an earlier round's): its C is a "
+                        "candidate too, so the stage hands on a new C only if reality prefers it")
     p.add_argument("--seed", type=int, default=SELECTION_SEED,
                    help=f"episode i runs on env seed SEED+i (default {SELECTION_SEED}: the selection range)")
     p.add_argument("--max-steps", type=_positive_int, default=1000)

@@ -180,7 +180,7 @@ class Preset:
 _RUN = "--data {run}/data --vae {run}/vae/vae.eqx"
 _CHOOSE = ("--preset results --set evolve.inputs=z --set evolve.generations=30 --set evolve.popsize=32 "
            "--set evolve.repeats=8 --set evolve.dream_dropout=0.1")
-_DRAWS = 3  # round 1 trains its M this many times (seeds 0, 1, ...): draws differ in how generous their dream is
+_DRAWS = 3  # round 1 trains its M this many times (seeds 0, 1, ...): draws differ in how well C's evolved there drive
 
 
 def _m_draw(k: int) -> tuple[str, str]:
@@ -194,8 +194,8 @@ def _m_draw(k: int) -> tuple[str, str]:
 
 RESULTS_RECIPE = (
     # round 1 (iter_2): exogenous steering (weave), M with dropout, then branches of the recovery and
-    # weave episodes, three times (seeds); two C's on z alone evolved in the dream of the draw that pays the
-    # reference controller (straight ahead, half gas) least, reality chooses on 64 selection tracks
+    # weave episodes, three times (seeds); two C's on z alone evolved in each draw's dream, reality chooses
+    # among the six on 64 selection tracks (and with it the M)
     "collect --policy weave --episodes 150 --seed 1300000 --out {run}/data --mirror",
     "encode --data {run}/data --vae {run}/vae/vae.eqx --mirror",
     _m_draw(0)[0],

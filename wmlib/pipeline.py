@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -317,38 +318,78 @@ def reference_returns(mdnrnns: Sequence[Path], data_dir: Path, vae_id: str, cfg,
 def evolve_and_choose(stage: RunPaths, vae: Path, mdnrnns: Sequence[Path], data_dir: Path, cfg, runs: int,
                       episodes: int, seed: int, max_steps: int = 1000, workers: int | None = None, fast: bool = True,
                       pool: int = 0, incumbent: Path | None = None) -> dict:
-    """`runs` evolutions of C in the dream of an M (trained on `vae`'s latents), evolution seeds cfg.seed,
-    cfg.seed + 1, ..., each from zero into `stage.evolve_dir`/seed_S (resumable); their final search means,
-    and with `pool` the dream's `pool` best earlier search means of any of them (`dream_pool`, 256 dreams
-    each), are chosen between by reality (`choose_by_reality`), and `stage.agent_dir` gets V, M and the
-    chosen C. The chosen evolution's log is copied to `stage.evolve_metrics`. Evolutions vary a lot in the
-    dream; reality picks.
+    """`runs` evolutions of C in the dream of each M of `mdnrnns` (trained on `vae`'s latents), chosen between
+    by reality on `episodes` selection tracks from `seed`; `stage.agent_dir` gets V, the chosen C and the M it
+    was evolved in (`dream_choice` for one M).
 
-    The M: of `mdnrnns` (e.g. draws of the same training with other seeds), the one whose dream pays the
-    reference controller least (`reference_returns`; selection.json records them all): Ms trained alike
-    differ in how much road they lay under a car that does not steer, and C's evolved in a generous dream
-    learn to exploit it (docs/results.md).
+    Several Ms (e.g. draws of the same training with other seeds): each gets its own `dream_choice` in the
+    sub-stage `stage.root`/m_K (K: its place in `mdnrnns`), on the same tracks, and the best of their winners
+    wins, so the chosen C is the best of all their candidates. Ms trained alike differ in how well the C's
+    evolved in their dreams drive, and nothing cheaper than reality has told them apart on every draw (the
+    reference controller's dream return, recorded for each M in selection.json, chose wrong on one of three:
+    docs/results.md). `incumbent` joins the choice of the M it drives with (`dream_choice`)."""
+    from wmlib.agent import part_path
 
-    `incumbent` (an agent folder with the same V and the chosen M, e.g. an earlier round's) joins the
-    candidates with its C ("incumbent"): a new round hands on a new C only if reality prefers it."""
+    check_seeds("selection", seed, episodes, f"choosing C for {stage.root}")  # before hours of evolution
+    if incumbent is not None:
+        _check_incumbent(incumbent, "V", [vae])
+        _check_incumbent(incumbent, "M", mdnrnns)
+    reference = reference_returns(mdnrnns, data_dir, vae_id_of(vae), cfg)
+    for p, r in reference.items():
+        print(f"  M {p}: the reference controller's dream return {r:.1f}")
+    extra = {"reference_dream_return": reference}
+    if len(mdnrnns) == 1:
+        return dream_choice(stage, vae, Path(mdnrnns[0]), data_dir, cfg, runs, episodes, seed, max_steps, workers,
+                            fast, pool, incumbent, extra)
+    choices = []
+    for k, m in enumerate(mdnrnns):
+        own = incumbent if incumbent is not None and part_path(incumbent, "M").read_bytes() == m.read_bytes() else None
+        sub = RunPaths(stage.root / f"m_{k}")
+        print(f"  M {m} (its choice in {sub.root}):")
+        choices.append((sub, dream_choice(sub, vae, Path(m), data_dir, cfg, runs, episodes, seed, max_steps, workers,
+                                          fast, pool, own, extra)))
+    best = int(np.argmax([next(r["real_mean"] for r in c["candidates"] if r["name"] == c["chosen"])
+                          for _, c in choices]))
+    sub, choice = choices[best]
+    rows = [{**r, "name": f"{s.root.name}/{r['name']}"} for s, c in choices for r in c["candidates"]]
+    result = {**choice, "chosen": f"{sub.root.name}/{choice['chosen']}", "frames": sum(r["frames"] for r in rows),
+              "candidates": rows}
+    assemble_agent(stage.agent_dir, vae, Path(choice["mdnrnn"]), sub.selected)
+    copy_file(sub.selected, stage.selected)
+    if sub.evolve_metrics.exists():
+        copy_file(sub.evolve_metrics, stage.evolve_metrics)
+    else:
+        stage.evolve_metrics.unlink(missing_ok=True)
+    write_json(stage.selection, result)
+    print(f"  chosen: {result['chosen']} (M {choice['mdnrnn']})")
+    return result
+
+
+def _check_incumbent(incumbent: Path, part: str, ours: Sequence[Path]) -> None:
+    from wmlib.agent import part_path
+
+    if all(part_path(incumbent, part).read_bytes() != Path(p).read_bytes() for p in ours):
+        raise WMError(f"incumbent {incumbent}: its {part} ({part_path(incumbent, part)}) is not "
+                      f"{' or '.join(map(str, ours))}; the incumbent must drive with the V and M of this choice")
+
+
+def dream_choice(stage: RunPaths, vae: Path, mdnrnn: Path, data_dir: Path, cfg, runs: int, episodes: int, seed: int,
+                 max_steps: int = 1000, workers: int | None = None, fast: bool = True, pool: int = 0,
+                 incumbent: Path | None = None, extra: dict | None = None) -> dict:
+    """`runs` evolutions of C in the dream of `mdnrnn`, evolution seeds cfg.seed, cfg.seed + 1, ..., each
+    from zero into `stage.evolve_dir`/seed_S (resumable); their final search means, and with `pool` the
+    dream's `pool` best earlier search means of any of them (`dream_pool`, 256 dreams each), are chosen
+    between by reality (`choose_by_reality`), and `stage.agent_dir` gets V, M and the chosen C. The chosen
+    evolution's log is copied to `stage.evolve_metrics`. Evolutions vary a lot in the dream; reality picks.
+
+    `incumbent` (an agent folder with the same V and M, e.g. an earlier round's; `evolve_and_choose` checks
+    that) joins the candidates with its C ("incumbent"): a new round hands on a new C only if reality
+    prefers it."""
     from wmlib.agent import agent_folder, part_path
     from wmlib.controller import load_controller, to_flat
     from wmlib.evolve import history
 
-    def check_incumbent(part: str, ours: Sequence[Path]) -> None:
-        if incumbent is not None and all(part_path(incumbent, part).read_bytes() != p.read_bytes() for p in ours):
-            raise WMError(f"incumbent {incumbent}: its {part} ({part_path(incumbent, part)}) is not "
-                          f"{' or '.join(map(str, ours))}; the incumbent must drive with the V and M of this choice")
-
-    check_seeds("selection", seed, episodes, f"choosing C for {stage.root}")  # before hours of evolution
-    check_incumbent("V", [vae])
-    check_incumbent("M", mdnrnns)
     vae_id = vae_id_of(vae)
-    reference = reference_returns(mdnrnns, data_dir, vae_id, cfg)
-    mdnrnn = Path(min(reference, key=reference.__getitem__))
-    for p, r in reference.items():
-        print(f"  M {p}: the reference controller's dream return {r:.1f}" + (" (chosen)" if p == str(mdnrnn) else ""))
-    check_incumbent("M", [mdnrnn])
     champion = []
     if incumbent is not None:
         champion.append(("incumbent", np.asarray(to_flat(load_controller(part_path(incumbent, "C"))[0])), np.nan))
@@ -362,7 +403,7 @@ def evolve_and_choose(stage: RunPaths, vae: Path, mdnrnns: Sequence[Path], data_
                        else (np.full(runs, np.nan), []))
     candidates = [(e.name, history(e)["mean"][-1], float(d)) for e, d in zip(evolutions, finals)] + earlier
     result = choose_by_reality(stage, candidates + champion, episodes, seed, max_steps, workers, fast,
-                               extra={"mdnrnn": str(mdnrnn), "reference_dream_return": reference})
+                               extra={"mdnrnn": str(mdnrnn), **(extra or {})})
     log = (RunPaths(agent_folder(incumbent).parent).evolve_metrics  # the incumbent's stage, laid out as a run
            if incumbent is not None and result["chosen"] == "incumbent"
            else stage.evolve_dir / result["chosen"].split("/")[0] / "metrics.jsonl")
@@ -561,26 +602,32 @@ def summary(run_dir: Path) -> tuple[list[dict], dict]:
 def evolution_of_final_c(run: RunPaths) -> Path:
     """The evolution folder that made the final agent's C: the final stage's evolve/ folder, or, where
     reality chose among candidates (selection.json), the chosen one's evolution (evolve/seed_S of
-    `evolve_and_choose`); a kept incumbent (an earlier round's C) is traced by its parameters' hash to
-    the stage whose own choice it was."""
+    `dream_choice`, in m_K/ where `evolve_and_choose` chose between Ms); a kept incumbent (an earlier
+    round's C) is traced by its parameters' hash to the stage whose own choice it was."""
     def chosen(stage: RunPaths) -> dict | None:
         sel = json.loads(stage.selection.read_text()) if stage.selection.exists() else {}
         return next((r for r in sel.get("candidates", []) if r["name"] == sel.get("chosen")), None)
 
-    def evolution(stage: RunPaths, row: dict) -> Path:
-        folder = stage.evolve_dir / row["name"].split("/")[0]  # "seed_1", "seed_7/gen_23"; "mean", "top_0"
+    def incumbent(row: dict) -> bool:
+        return row["name"].split("/")[-1] == "incumbent"
+
+    def evolution(stage: RunPaths, name: str) -> Path:
+        head, _, rest = name.partition("/")  # "seed_1", "seed_7/gen_23", "m_1/seed_0"; "mean", "top_0"
+        if re.fullmatch(r"m_\d+", head):
+            return evolution(RunPaths(stage.root / head), rest)
+        folder = stage.evolve_dir / head
         return folder if folder.is_dir() else stage.evolve_dir
 
     final = run.final()
     row = chosen(final)
     if row is None:
         return final.evolve_dir
-    if row["name"] != "incumbent":
-        return evolution(final, row)
+    if not incumbent(row):
+        return evolution(final, row["name"])
     for stage in [run, *run.iterations()]:
         own = chosen(stage)
-        if own and own["name"] != "incumbent" and own.get("controller_sha256", 0) == row.get("controller_sha256"):
-            return evolution(stage, own)
+        if own and not incumbent(own) and own.get("controller_sha256", 0) == row.get("controller_sha256"):
+            return evolution(stage, own["name"])
     return final.evolve_dir
 
 
