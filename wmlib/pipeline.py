@@ -356,10 +356,7 @@ def evolve_and_choose(stage: RunPaths, vae: Path, mdnrnns: Sequence[Path], data_
               "candidates": rows}
     assemble_agent(stage.agent_dir, vae, Path(choice["mdnrnn"]), sub.selected)
     copy_file(sub.selected, stage.selected)
-    if sub.evolve_metrics.exists():
-        copy_file(sub.evolve_metrics, stage.evolve_metrics)
-    else:
-        stage.evolve_metrics.unlink(missing_ok=True)
+    _hand_on_log(sub.evolve_metrics, stage)
     write_json(stage.selection, result)
     print(f"  chosen: {result['chosen']} (M {choice['mdnrnn']})")
     return result
@@ -407,12 +404,17 @@ def dream_choice(stage: RunPaths, vae: Path, mdnrnn: Path, data_dir: Path, cfg, 
     log = (RunPaths(agent_folder(incumbent).parent).evolve_metrics  # the incumbent's stage, laid out as a run
            if incumbent is not None and result["chosen"] == "incumbent"
            else stage.evolve_dir / result["chosen"].split("/")[0] / "metrics.jsonl")
+    _hand_on_log(log, stage)
+    assemble_agent(stage.agent_dir, vae, mdnrnn, stage.selected)
+    return result
+
+
+def _hand_on_log(log: Path, stage: RunPaths) -> None:
+    """`stage`'s evolution log becomes a copy of `log`, the chosen C's evolution (none when it has none)."""
     if log.exists():
         copy_file(log, stage.evolve_metrics)
     else:
         stage.evolve_metrics.unlink(missing_ok=True)
-    assemble_agent(stage.agent_dir, vae, mdnrnn, stage.selected)
-    return result
 
 
 def chosen_controller(stage: RunPaths, cfg) -> Path:
