@@ -184,6 +184,48 @@ def test_choice_by_reality_resumes_and_redrives_only_what_changed(tmp_path, monk
     assert len(driven) == 2 and resumed["chosen"] == "b" and resumed["frames"] == 2 * 3 * 7
 
 
+def test_a_screen_drives_every_candidate_on_the_first_tracks_and_chooses_among_the_finalists_on_all(
+        tmp_path, monkeypatch):
+    """With `screen`, every candidate drives the first SCREEN tracks, the FINALISTS best of them go on to
+    the rest (the tracks after the screen, not the same ones again), and the choice is the best mean
+    over all tracks; every drive's frames are counted, a rerun drives nothing, and without the screen
+    (the screened-out candidates drive on from where they stopped) a candidate it dropped can win: what
+    the screen costs."""
+    import wmlib.evaluate
+    from wmlib.mdnrnn import load_mdnrnn
+    from wmlib.paths import SHIPPED, RunPaths
+    from wmlib.pipeline import assemble_agent, choose_by_reality
+
+    stage = RunPaths(tmp_path / "stage")
+    assemble_agent(stage.agent_dir, SHIPPED.agent_part("V"), SHIPPED.agent_part("M"))
+    m, _ = load_mdnrnn(SHIPPED.agent_part("M"))
+    n = n_params(m.z_dim, m.hidden)
+    # candidate k's score on the track at offset t: the first two tracks, then the rest
+    track_scores = {1: (1, 1), 2: (3, 0), 3: (2, 5), 4: (0, 100)}
+    driven: list[tuple[int, int, int]] = []
+
+    def fake_evaluate(agent_dir, episodes, seed=0, controller_params=None, **kw):
+        k = round(float(np.sum(controller_params)) / (n * 1e-3))
+        driven.append((k, seed, episodes))
+        scores = [float(track_scores[k][t - 100000 >= 2]) for t in range(seed, seed + episodes)]
+        return {"mean": float(np.mean(scores)), "std": 0.0, "scores": scores, "frames": 7 * episodes}
+
+    monkeypatch.setattr(wmlib.evaluate, "evaluate", fake_evaluate)
+    candidates = [(f"c{k}", np.full(n, k * 1e-3), 0.0) for k in track_scores]
+    chosen = choose_by_reality(stage, candidates, 4, 100000, screen=2, finalists=2)
+    assert driven == [(1, 100000, 2), (2, 100000, 2), (3, 100000, 2), (4, 100000, 2), (2, 100002, 2), (3, 100002, 2)]
+    rows = {r["name"]: r for r in chosen["candidates"]}
+    assert chosen["chosen"] == "c3" and rows["c3"]["real_mean"] == 3.5 and rows["c2"]["real_mean"] == 1.5
+    assert rows["c4"]["scores"] == [0.0, 0.0] and rows["c1"]["real_mean"] == 1.0  # screened out on 2 tracks
+    assert chosen["frames"] == (4 * 2 + 2 * 2) * 7 and chosen["screen"] == 2
+    assert np.allclose(np.asarray(to_flat(load_controller(stage.selected)[0])), 3e-3)
+    assert choose_by_reality(stage, candidates, 4, 100000, screen=2, finalists=2) == chosen and len(driven) == 6
+    plain = choose_by_reality(stage, candidates, 4, 100000)  # no screen: the screened-out drive on from track 2
+    assert driven[6:] == [(1, 100002, 2), (4, 100002, 2)] and plain["chosen"] == "c4" and "screen" not in plain
+    assert plain["frames"] == 4 * 4 * 7
+    assert choose_by_reality(stage, candidates, 4, 100000, screen=2, finalists=4) == plain  # all would go on
+
+
 def test_the_summary_finds_the_evolution_that_made_the_final_c_through_a_kept_incumbent(tmp_path, monkeypatch):
     """Round 1 chose evolution seed_1 (dream_choice's layout), round 2 kept it as the incumbent: the
     fidelity that speaks for the final agent is round 1's seed_1, not round 2's evolve/ folder; a choice

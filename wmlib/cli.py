@@ -209,7 +209,8 @@ def cmd_select(args) -> None:
     cfg = _preset(args).evolve
     result = evolve_and_choose(stage, Path(args.vae), mdnrnns, Path(args.data), cfg, args.runs, args.episodes,
                                args.seed, max_steps=args.max_steps, workers=args.workers, fast=not args.stock,
-                               pool=args.pool, incumbent=Path(args.incumbent) if args.incumbent else None)
+                               pool=args.pool, incumbent=Path(args.incumbent) if args.incumbent else None,
+                               screen=args.screen, finalists=args.finalists)
     print(json.dumps({"chosen": result["chosen"], "mdnrnn": result["mdnrnn"], "agent": str(stage.agent_dir),
                       "frames": result["frames"], "reference_dream_return": result["reference_dream_return"],
                       "real_means": {r["name"]: r["real_mean"] for r in result["candidates"]}}))
@@ -453,6 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", type=_count, default=0,
                    help="also the dream's POOL best earlier search means of the evolutions (every generation "
                         "scored in 256 dreams) as candidates (default 0: the final means only)")
+    p.add_argument("--screen", type=_count, default=0,
+                   help="every candidate first drives only the first SCREEN of the --episodes tracks, and the "
+                        "--finalists best of each M's drive the rest (default 0: every candidate drives them all)")
+    p.add_argument("--finalists", type=_positive_int, default=1,
+                   help="with --screen: candidates of each M that go on to all --episodes tracks (default 1)")
     p.add_argument("--incumbent", default=None,
                    help="an agent folder with the same V and M (one of them; e.g. an earlier round's): its C is a "
                         "candidate too, so the stage hands on a new C only if reality prefers it")

@@ -236,45 +236,64 @@ def select_controller(stage: RunPaths, cfg, max_steps: int = 1000, workers: int 
 
 def choose_by_reality(stage: RunPaths, candidates: list[tuple[str, np.ndarray, float]], episodes: int, seed: int,
                       max_steps: int = 1000, workers: int | None = None, fast: bool = True,
-                      extra: dict | None = None) -> dict:
+                      extra: dict | None = None, screen: int = 0, finalists: int = 1) -> dict:
     """Each candidate (name, C's flat parameters, its dream return) with `stage`'s V and M drives `episodes`
     real episodes on selection-range tracks (env seeds `seed`..); the best real mean wins. Writes
     `stage.selected` and `stage.selection` (every candidate's scores and the real frames used).
 
-    Resumable: `stage.selection` is rewritten after every candidate ("chosen" null until the choice), and
+    With `screen` (fewer than `episodes`), every candidate first drives the first `screen` of those tracks,
+    and only the `finalists` best of them drive the rest: many candidates for the frames of a few, the
+    choice still made on all `episodes` tracks (a screen of 16 tracks tells a driver from a C that leaves
+    the road, not two drivers apart). A row's "scores" are the tracks it drove, in order.
+
+    Resumable: `stage.selection` is rewritten after every drive ("chosen" null until the choice), and
     a rerun keeps the rows of candidates with the same name and parameters, driven by the same V and M
-    on the same tracks (`agent_sha256`, `controller_sha256`, seed, episodes, max_steps). `extra` (e.g. how
-    the M was chosen) is written into it as it is."""
+    on the same tracks (`agent_sha256`, `controller_sha256`, seed, episodes, max_steps), and drives on
+    from where each stopped. `extra` (e.g. how the M was chosen) is written into it as it is."""
     from wmlib.controller import from_flat, save_controller
     from wmlib.evaluate import evaluate
     from wmlib.mdnrnn import load_mdnrnn
 
+    screen = screen if 0 < screen < episodes and finalists < len(candidates) else 0
     agent = digest(stage.agent_part("V").read_bytes(), stage.agent_part("M").read_bytes())
     setting = {"seed": seed, "episodes": episodes, "max_steps": max_steps, "agent_sha256": agent}
     before = json.loads(stage.selection.read_text()) if stage.selection.exists() else {}
     kept = ({r["name"]: r for r in before["candidates"] if "controller_sha256" in r}
             if all(before.get(k) == v for k, v in setting.items()) else {})
-    rows: list[dict] = []
-    for name, x, dream in candidates:
+    setting |= {"screen": screen, "finalists": finalists} if screen else {}
+    rows: dict[str, dict] = {}
+
+    def drive(name: str, x: np.ndarray, dream: float, tracks: int) -> None:
         key = digest(np.asarray(x, np.float32).tobytes())
-        row = kept.get(name)
+        row = rows.get(name) or kept.get(name)
         if row is None or row["controller_sha256"] != key:
-            r = evaluate(stage.agent_dir, episodes, seed=seed, workers=workers, max_steps=max_steps,
-                         fast=fast, controller_params=x, progress=False)
-            row = {"name": name, "controller_sha256": key, "real_mean": r["mean"], "real_std": r["std"],
-                   "scores": r["scores"], "frames": r["frames"]}
-        row = {**row, "dream_return": dream}  # a kept row takes the dream's latest score
-        rows.append(row)
+            row = {"name": name, "controller_sha256": key, "scores": [], "frames": 0}
+        if len(row["scores"]) < tracks:
+            r = evaluate(stage.agent_dir, tracks - len(row["scores"]), seed=seed + len(row["scores"]),
+                         workers=workers, max_steps=max_steps, fast=fast, controller_params=x, progress=False)
+            row = {**row, "scores": row["scores"] + r["scores"], "frames": row["frames"] + r["frames"]}
+        row = {**row, "real_mean": float(np.mean(row["scores"])), "real_std": float(np.std(row["scores"])),
+               "dream_return": dream}  # a kept row takes the dream's latest score
+        rows[name] = row
         write_json(stage.selection, {"chosen": None, **setting, **(extra or {}),
-                                     "frames": sum(r["frames"] for r in rows), "candidates": rows})
+                                     "frames": sum(r["frames"] for r in rows.values()),
+                                     "candidates": list(rows.values())})
         print(f"  candidate {name}: dream {dream:.1f}, real {row['real_mean']:.1f} +- {row['real_std']:.1f} "
-              f"({episodes} selection tracks)", flush=True)
-    best = int(np.argmax([r["real_mean"] for r in rows]))
+              f"({len(row['scores'])} selection tracks)", flush=True)
+
+    for name, x, dream in candidates:
+        drive(name, x, dream, screen or episodes)
+    final = candidates
+    if screen:
+        final = sorted(candidates, key=lambda c: -np.mean(rows[c[0]]["scores"][:screen]))[:finalists]
+        for name, x, dream in final:
+            drive(name, x, dream, episodes)
+    name, x, _ = max(final, key=lambda c: rows[c[0]]["real_mean"])
     m, _ = load_mdnrnn(stage.agent_part("M"))
-    save_controller(stage.selected, from_flat(jnp.asarray(candidates[best][1], jnp.float32), m.z_dim, m.hidden),
-                    extra={"selected": rows[best]["name"]})
-    result = {"chosen": rows[best]["name"], **setting, **(extra or {}), "frames": sum(r["frames"] for r in rows),
-              "candidates": rows}
+    save_controller(stage.selected, from_flat(jnp.asarray(x, jnp.float32), m.z_dim, m.hidden),
+                    extra={"selected": name})
+    result = {"chosen": name, **setting, **(extra or {}), "frames": sum(r["frames"] for r in rows.values()),
+              "candidates": list(rows.values())}
     write_json(stage.selection, result)
     return result
 
@@ -317,7 +336,7 @@ def reference_returns(mdnrnns: Sequence[Path], data_dir: Path, vae_id: str, cfg,
 
 def evolve_and_choose(stage: RunPaths, vae: Path, mdnrnns: Sequence[Path], data_dir: Path, cfg, runs: int,
                       episodes: int, seed: int, max_steps: int = 1000, workers: int | None = None, fast: bool = True,
-                      pool: int = 0, incumbent: Path | None = None) -> dict:
+                      pool: int = 0, incumbent: Path | None = None, screen: int = 0, finalists: int = 1) -> dict:
     """`runs` evolutions of C in the dream of each M of `mdnrnns` (trained on `vae`'s latents), chosen between
     by reality on `episodes` selection tracks from `seed`; `stage.agent_dir` gets V, the chosen C and the M it
     was evolved in (`dream_choice` for one M).
@@ -327,7 +346,8 @@ def evolve_and_choose(stage: RunPaths, vae: Path, mdnrnns: Sequence[Path], data_
     wins, so the chosen C is the best of all their candidates. Ms trained alike differ in how well the C's
     evolved in their dreams drive, and nothing cheaper than reality has told them apart on every draw (the
     reference controller's dream return, recorded for each M in selection.json, chose wrong on one of three:
-    docs/results.md). `incumbent` joins the choice of the M it drives with (`dream_choice`)."""
+    docs/results.md). `incumbent` joins the choice of the M it drives with (`dream_choice`); `screen` and
+    `finalists` apply to each M's choice (`choose_by_reality`)."""
     from wmlib.agent import part_path
 
     check_seeds("selection", seed, episodes, f"choosing C for {stage.root}")  # before hours of evolution
@@ -340,14 +360,14 @@ def evolve_and_choose(stage: RunPaths, vae: Path, mdnrnns: Sequence[Path], data_
     extra = {"reference_dream_return": reference}
     if len(mdnrnns) == 1:
         return dream_choice(stage, vae, Path(mdnrnns[0]), data_dir, cfg, runs, episodes, seed, max_steps, workers,
-                            fast, pool, incumbent, extra)
+                            fast, pool, incumbent, extra, screen, finalists)
     choices = []
     for k, m in enumerate(mdnrnns):
         own = incumbent if incumbent is not None and part_path(incumbent, "M").read_bytes() == m.read_bytes() else None
         sub = RunPaths(stage.root / f"m_{k}")
         print(f"  M {m} (its choice in {sub.root}):")
         choices.append((sub, dream_choice(sub, vae, Path(m), data_dir, cfg, runs, episodes, seed, max_steps, workers,
-                                          fast, pool, own, extra)))
+                                          fast, pool, own, extra, screen, finalists)))
     best = int(np.argmax([next(r["real_mean"] for r in c["candidates"] if r["name"] == c["chosen"])
                           for _, c in choices]))
     sub, choice = choices[best]
@@ -372,11 +392,12 @@ def _check_incumbent(incumbent: Path, part: str, ours: Sequence[Path]) -> None:
 
 def dream_choice(stage: RunPaths, vae: Path, mdnrnn: Path, data_dir: Path, cfg, runs: int, episodes: int, seed: int,
                  max_steps: int = 1000, workers: int | None = None, fast: bool = True, pool: int = 0,
-                 incumbent: Path | None = None, extra: dict | None = None) -> dict:
+                 incumbent: Path | None = None, extra: dict | None = None, screen: int = 0, finalists: int = 1) -> dict:
     """`runs` evolutions of C in the dream of `mdnrnn`, evolution seeds cfg.seed, cfg.seed + 1, ..., each
     from zero into `stage.evolve_dir`/seed_S (resumable); their final search means, and with `pool` the
     dream's `pool` best earlier search means of any of them (`dream_pool`, 256 dreams each), are chosen
-    between by reality (`choose_by_reality`), and `stage.agent_dir` gets V, M and the chosen C. The chosen
+    between by reality (`choose_by_reality`, with its `screen` and `finalists`), and `stage.agent_dir` gets
+    V, M and the chosen C. The chosen
     evolution's log is copied to `stage.evolve_metrics`. Evolutions vary a lot in the dream; reality picks.
 
     `incumbent` (an agent folder with the same V and M, e.g. an earlier round's; `evolve_and_choose` checks
@@ -400,7 +421,7 @@ def dream_choice(stage: RunPaths, vae: Path, mdnrnn: Path, data_dir: Path, cfg, 
                        else (np.full(runs, np.nan), []))
     candidates = [(e.name, history(e)["mean"][-1], float(d)) for e, d in zip(evolutions, finals)] + earlier
     result = choose_by_reality(stage, candidates + champion, episodes, seed, max_steps, workers, fast,
-                               extra={"mdnrnn": str(mdnrnn), **(extra or {})})
+                               extra={"mdnrnn": str(mdnrnn), **(extra or {})}, screen=screen, finalists=finalists)
     log = (RunPaths(agent_folder(incumbent).parent).evolve_metrics  # the incumbent's stage, laid out as a run
            if incumbent is not None and result["chosen"] == "incumbent"
            else stage.evolve_dir / result["chosen"].split("/")[0] / "metrics.jsonl")
